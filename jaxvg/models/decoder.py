@@ -1,0 +1,131 @@
+"""The Qwen2 decoder of Qwen2.5-VL: GQA attention with M-RoPE, SwiGLU, RMSNorm, a KV cache, tied or untied head.
+
+Layer weights are stacked along a leading L axis and the layers run under `jax.lax.scan`: one compiled layer body
+whatever the depth, and `remat` wraps exactly that body.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxvg.models import layers
+from jaxvg.models.config import TextConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer for S cache slots. Rows are left-padded, so all rows write at one index."""
+
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: bool = False):
+    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    L, V, D, F, N, K, H = (cfg.num_layers, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim)
+    p = lambda shape, axes, init="normal": layers.param(rngs, shape, axes, param_dtype, init)
+    self.embed_VD = p((V, D), ("vocab", "embed"))
+    self.attn_norm_LD = p((L, D), ("layers", "embed"), "ones")
+    self.q_LDNH = p((L, D, N, H), ("layers", "embed", "heads", "head_dim"))
+    self.k_LDKH = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+    self.v_LDKH = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+    self.q_bias_LNH = p((L, N, H), ("layers", "heads", "head_dim"), "zeros")
+    self.k_bias_LKH = p((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    self.v_bias_LKH = p((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    self.o_LNHD = p((L, N, H, D), ("layers", "heads", "head_dim", "embed"))
+    self.mlp_norm_LD = p((L, D), ("layers", "embed"), "ones")
+    self.gate_LDF = p((L, D, F), ("layers", "embed", "mlp"))
+    self.up_LDF = p((L, D, F), ("layers", "embed", "mlp"))
+    self.down_LFD = p((L, F, D), ("layers", "mlp", "embed"))
+    self.final_norm_D = p((D,), ("embed",), "ones")
+    self.head_DV = None if cfg.tie_word_embeddings else p((D, V), ("embed", "vocab"))
+
+  def embed(self, input_ids_BT):
+    return jnp.take(self.embed_VD[...], input_ids_BT, axis=0).astype(self.dtype)
+
+  def head_weight_DV(self):
+    """The output projection [D, V] (the transposed embedding when tied)."""
+    return self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
+
+  def logits(self, h_BTD):
+    return jnp.einsum("BTD,DV->BTV", h_BTD, self.head_weight_DV().astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def _layer(self, x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, cache_k_BSKH, cache_v_BSKH, cache_index):
+    cfg, dt = self.cfg, self.dtype
+    h_BTD = layers.rms_norm(x_BTD, lyr["attn_norm"], cfg.rms_norm_eps)
+    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, lyr["q"].astype(dt)) + lyr["q_bias"].astype(dt)
+    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lyr["k"].astype(dt)) + lyr["k_bias"].astype(dt)
+    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lyr["v"].astype(dt)) + lyr["v_bias"].astype(dt)
+    q_BTNH = layers.apply_rope(q_BTNH, cos_BTH, sin_BTH)
+    k_BTKH = layers.apply_rope(k_BTKH, cos_BTH, sin_BTH)
+    if cache_k_BSKH is None:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    else:
+      at = (0, cache_index, 0, 0)
+      k_BSKH = jax.lax.dynamic_update_slice(cache_k_BSKH, k_BTKH.astype(cache_k_BSKH.dtype), at)
+      v_BSKH = jax.lax.dynamic_update_slice(cache_v_BSKH, v_BTKH.astype(cache_v_BSKH.dtype), at)
+    o_BTNH = layers.attention(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BTS)
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lyr["o"].astype(dt))
+    h_BTD = layers.rms_norm(x_BTD, lyr["mlp_norm"], cfg.rms_norm_eps)
+    gate_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, lyr["gate"].astype(dt))
+    up_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, lyr["up"].astype(dt))
+    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, lyr["down"].astype(dt))
+    return x_BTD, k_BSKH, v_BSKH
+
+  def __call__(self, x_BTD, positions_3BT, kv_mask_BS, *, attn_mask_BTS=None, cache: KVCache | None = None,
+               cache_index=0, return_hidden: bool = False):
+    """Runs the layers on embeddings `x_BTD`.
+
+    Args:
+      x_BTD: input embeddings (image features already merged in).
+      positions_3BT: M-RoPE position ids.
+      kv_mask_BS: True for real (non-padding) keys. Without a cache S == T; with one, S is the number of slots.
+      attn_mask_BTS: optional extra mask (a tree mask, masked image keys), AND-ed with causality and `kv_mask_BS`.
+      cache: a KVCache; the T new keys/values are written at slots [cache_index, cache_index + T).
+      cache_index: the slot of the first query token.
+      return_hidden: also return every layer's output hidden states as out['hidden_LBTD'].
+
+    Returns:
+      (h_BTD after the final norm, the updated cache or None, out dict).
+    """
+    cfg = self.cfg
+    B, T, _ = x_BTD.shape
+    S = kv_mask_BS.shape[1]
+    q_slot_T = cache_index + jnp.arange(T)
+    mask_BTS = (jnp.arange(S)[None, :] <= q_slot_T[:, None])[None] & kv_mask_BS[:, None, :].astype(bool)
+    if attn_mask_BTS is not None:
+      mask_BTS = mask_BTS & attn_mask_BTS
+    cos_BTH, sin_BTH = layers.mrope_cos_sin(positions_3BT, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    weights = {
+        "attn_norm": self.attn_norm_LD[...], "q": self.q_LDNH[...], "k": self.k_LDKH[...], "v": self.v_LDKH[...],
+        "q_bias": self.q_bias_LNH[...], "k_bias": self.k_bias_LKH[...], "v_bias": self.v_bias_LKH[...],
+        "o": self.o_LNHD[...], "mlp_norm": self.mlp_norm_LD[...], "gate": self.gate_LDF[...],
+        "up": self.up_LDF[...], "down": self.down_LFD[...],
+    }
+
+    def body(x_BTD, xs):
+      lyr, ck, cv = xs
+      x_BTD, k, v = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, ck, cv, cache_index)
+      return x_BTD, (k if cache is not None else None, v if cache is not None else None,
+                     x_BTD if return_hidden else None)
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    cache_xs = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else (None, None)
+    x_BTD, (k_L, v_L, hidden_L) = jax.lax.scan(body, x_BTD, (weights, *cache_xs))
+    h_BTD = layers.rms_norm(x_BTD, self.final_norm_D[...], cfg.rms_norm_eps)
+    out = {"hidden_LBTD": hidden_L} if return_hidden else {}
+    return h_BTD, (KVCache(k_L, v_L) if cache is not None else None), out
