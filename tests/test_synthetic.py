@@ -1,0 +1,306 @@
+"""The synthetic dataset: determinism, answers re-derived from the pixels, split disjointness, prior-conflict wording,
+and the rendered reference solutions."""
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+
+from jaxvg import prompts, rewards
+from jaxvg.data import synthetic
+from jaxvg.data.synthetic import SyntheticConfig, SyntheticSource, make_record, render_solution
+
+# Written independently of the generator: the palette, the digit color, and the seven-segment table.
+PALETTE = {(220, 38, 38): "red", (22, 163, 74): "green", (37, 99, 235): "blue", (234, 179, 8): "yellow",
+           (147, 51, 234): "purple", (249, 115, 22): "orange", (20, 20, 20): "black"}
+LIT = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg",
+       9: "abcdfg"}
+NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+OBJECT_COLORS = {"tomato": "red", "grass": "green", "sky": "blue", "banana": "yellow", "grapes": "purple",
+                 "pumpkin": "orange"}
+SHAPE_WORDS = ("circle", "square", "triangle", "star")
+N = 40  # records per split in the pixel tests (8 per task)
+
+
+def _components(mask):
+  """4-connected components of a boolean image by flood fill: a list of (ys, xs) arrays."""
+  seen = np.zeros_like(mask)
+  comps = []
+  for y0, x0 in zip(*np.nonzero(mask)):
+    if seen[y0, x0]:
+      continue
+    seen[y0, x0] = True
+    stack, ys, xs = [(y0, x0)], [], []
+    while stack:
+      y, x = stack.pop()
+      ys.append(y)
+      xs.append(x)
+      for v, u in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+        if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:
+          seen[v, u] = True
+          stack.append((v, u))
+    comps.append((np.array(ys), np.array(xs)))
+  return comps
+
+
+def _read_digit(pixels, y0, y1, x0, x1):
+  """Reads a seven-segment digit from the dark pixels of its cell: the glyph is the box spanned by segments a and d
+  (full width), so sample each segment's middle."""
+  dark = (pixels[y0:y1, x0:x1] == 20).all(-1)
+  ys, xs = np.nonzero(dark)
+  top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+  if (bottom - top) > 3 * (right - left + 1):  # a "1" only has the right-hand segments; its glyph box is wider
+    left = right - int(round((bottom - top + 1) * 0.55)) + 1
+  mid_y, mid_x = (top + bottom) // 2, (left + right) // 2
+  q1, q3 = top + (bottom - top) // 4, top + 3 * (bottom - top) // 4
+  probes = {"a": (top, mid_x), "b": (q1, right), "c": (q3, right), "d": (bottom, mid_x), "e": (q3, left),
+            "f": (q1, left), "g": (mid_y, mid_x)}
+  lit = "".join(sorted(s for s, (y, x) in probes.items() if 0 <= x < dark.shape[1] and dark[y, x]))
+  return next(d for d, segs in LIT.items() if segs == lit)
+
+
+def scene_from_pixels(image, grid):
+  """Every item of the picture, read from the pixels only: cell, color, shape (by fill ratio), area, digit."""
+  pixels = np.asarray(image)
+  cell = pixels.shape[0] / grid
+  items = []
+  for ys, xs in _components(~(pixels == 255).all(-1)):
+    colors = {tuple(int(c) for c in pixels[y, x]) for y, x in zip(ys, xs)}
+    assert len(colors) == 1 and colors <= set(PALETTE), f"not one palette color: {colors}"
+    color = PALETTE[colors.pop()]
+    row, col = int(ys.mean() // cell), int(xs.mean() // cell)
+    item = {"row": row, "col": col, "color": color, "area": len(ys), "height": int(np.ptp(ys)) + 1}
+    if color == "black":
+      y0, x0 = int(row * cell), int(col * cell)
+      item.update(shape="digit", digit=_read_digit(pixels, y0, int((row + 1) * cell), x0, int((col + 1) * cell)))
+    else:
+      fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+      item["shape"] = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle" if fill > 0.46 else "star"
+    items.append(item)
+  assert len({(it["row"], it["col"]) for it in items}) == len(items), "two components in one cell"
+  return items
+
+
+def answer_from_pixels(record, grid):
+  """The answer re-derived from the picture and the query; the question text is never read."""
+  items = scene_from_pixels(record["images"][0], grid)
+  task, query = record["solution"]["task"], record["solution"]["query"]
+  if task == "count":
+    return str(sum(it["shape"] == query["shape"] and query["color"] in (None, it["color"]) for it in items))
+  if task == "color":
+    (match,) = [it for it in items if it["shape"] == query["shape"]]
+    return match["color"]
+  if task == "largest":
+    areas = sorted((it["area"] for it in items), reverse=True)
+    assert areas[0] > 1.5 * areas[1], "the largest item is not clearly the largest"
+    return max(items, key=lambda it: it["area"])["shape"]
+  if task == "spatial":
+    (anchor,) = [it for it in items if it["shape"] == query["anchor_shape"] and it["color"] == query["anchor_color"]]
+    rel = query["relation"]
+    hits = [it for it in items if {"left": it["col"] < anchor["col"], "right": it["col"] > anchor["col"],
+                                   "above": it["row"] < anchor["row"], "below": it["row"] > anchor["row"]}[rel]]
+    assert len(hits) == 1, f"{len(hits)} items {rel} the anchor"
+    return hits[0][query["ask"]]
+  assert task == "digit_sum"
+  return str(sum(it["digit"] for it in items))
+
+
+def _records(split, n=N, cfg=SyntheticConfig()):
+  return [make_record(i, split=split, cfg=cfg) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def test_same_seed_same_records():
+  for split in synthetic.SPLITS:
+    for index in (0, 3, 17):
+      a, b = make_record(index, split=split), make_record(index, split=split)
+      assert a["images"][0].tobytes() == b["images"][0].tobytes()
+      assert {k: v for k, v in a.items() if k != "images"} == {k: v for k, v in b.items() if k != "images"}
+
+
+def test_different_indices_and_seeds_differ():
+  images = [r["images"][0].tobytes() for r in _records("train", 20)]
+  assert len(set(images)) == 20
+  other = make_record(0, split="train", cfg=SyntheticConfig(seed=1))
+  assert other["images"][0].tobytes() != images[0]
+
+
+def test_record_form():
+  for r in _records("test", 10):
+    assert set(r) == {"id", "images", "problem", "answer", "source", "solution"}
+    assert r["problem"].count("<image>") == len(r["images"]) == 1
+    assert r["images"][0].size == (112, 112) and r["images"][0].mode == "RGB"
+    assert r["source"] == f"synthetic/test/{r['solution']['task']}"
+    assert isinstance(r["answer"], str) and r["answer"]
+  assert [r["solution"]["task"] for r in _records("train", 5)] == list(synthetic.TASKS)
+
+
+# ---------------------------------------------------------------------------------------- correct by construction
+
+
+@pytest.mark.parametrize("split", synthetic.SPLITS)
+def test_answers_rederived_from_pixels(split):
+  for r in _records(split):
+    assert answer_from_pixels(r, grid=3) == r["answer"], r["id"]
+
+
+@pytest.mark.parametrize("cfg", [SyntheticConfig(seed=5, image_size=140), SyntheticConfig(seed=6, grid=2)])
+def test_other_sizes_and_grids(cfg):
+  for r in _records("train", 15, cfg):
+    assert r["images"][0].size == (cfg.image_size, cfg.image_size)
+    assert answer_from_pixels(r, grid=cfg.grid) == r["answer"], r["id"]
+
+
+def test_scene_description_matches_pixels():
+  for r in _records("train", 25):
+    seen = {(it["row"], it["col"]): it for it in scene_from_pixels(r["images"][0], 3)}
+    scene = r["solution"]["scene"]
+    assert len(seen) == len(scene)
+    for item in scene:
+      got = seen[(item["row"], item["col"])]
+      assert got["shape"] == item["shape"] and (got["color"] == item["color"])
+      if item["shape"] == "digit":
+        assert got["digit"] == item["digit"]
+
+
+# ------------------------------------------------------------------------------------------------------ splits
+
+
+def _identity(record):
+  """(task, question without any prior sentence, items per cell): what must never be shared across splits."""
+  question = re.split(r"(?<=\.) ", record["problem"].replace("<image>", ""))[-1]
+  cells = sorted((it["row"], it["col"], it["shape"], it["color"], it["size"], it["digit"])
+                 for it in record["solution"]["scene"])
+  return record["solution"]["task"], question, tuple(cells)
+
+
+def test_heldout_never_overlaps_train():
+  # A small layout space (one task, 2x2 board) where repeats within a split are common, so overlap would show.
+  cfg = SyntheticConfig(seed=3, grid=2, tasks=("largest",))
+  train = [_identity(r) for r in _records("train", 400, cfg)]
+  held = [_identity(r) for r in _records("test", 150, cfg) + _records("prior_conflict", 150, cfg)]
+  assert len(set(train)) < len(train), "no repeats: this check could not detect overlap"
+  assert not set(train) & set(held)
+
+
+def test_heldout_bucket_is_a_hash_partition():
+  for split in synthetic.SPLITS:
+    for r in _records(split, 10):
+      task, question, _ = _identity(r)
+      key = synthetic.layout_key(task, question, r["solution"]["scene"])
+      bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 8
+      assert (bucket == 0) == (split != "train")
+
+
+# ----------------------------------------------------------------------------------------------- prior conflict
+
+
+def _suggested(record):
+  """The value the prior sentence suggests, parsed from the text with the test's own vocabulary."""
+  prefix = record["problem"].replace("<image>", "").rsplit(". ", 1)[0] + "."
+  task = record["solution"]["task"]
+  if task == "count":
+    return str(NUMBER_WORDS[re.search(r"(?:there (?:is|are)|counted) (\w+)", prefix).group(1)])
+  if task == "color":
+    said = re.search(r"is surely (\w+)\.", prefix)
+    return said.group(1) if said else next(c for o, c in OBJECT_COLORS.items() if o in prefix)
+  if task == "largest":
+    return re.search(r"the (\w+) (?:looks|is) the (?:biggest|largest)", prefix).group(1)
+  if task == "spatial":
+    said = re.search(r"says the (\w+) is ", prefix)
+    return said.group(1) if said and said.group(1) in SHAPE_WORDS else re.search(r" is (\w+)\.$", prefix).group(1)
+  return re.search(r"(\d+)\.$", prefix).group(1)
+
+
+def test_prior_conflict_wording_suggests_a_wrong_value():
+  for r in _records("prior_conflict", 60):
+    suggested = _suggested(r)
+    assert suggested == r["solution"]["prior_answer"], r["problem"]
+    assert suggested != r["answer"] and not rewards.grade_answer(suggested, r["answer"]), r["problem"]
+
+
+def test_prior_conflict_only_in_its_split():
+  assert all(r["solution"]["prior_answer"] is None for r in _records("train", 10) + _records("test", 10))
+
+
+# --------------------------------------------------------------------------------------------- reference solution
+
+
+VISUAL_WORDS = set(synthetic.COLORS) | set(SHAPE_WORDS) | {"small", "medium", "large"} | set("0123456789") | {
+    "top", "bottom", "left", "right", "center", "top left", "top right", "bottom left", "bottom right"}
+
+
+def test_steps_are_labelled_and_visual_words_only_in_perception():
+  for r in _records("prior_conflict", 10) + _records("train", 10):
+    labels = [s["label"] for s in r["solution"]["steps"]]
+    assert labels[0] == "perception" and set(labels[1:]) == {"reasoning"}
+    for step in r["solution"]["steps"]:
+      visual = [text for text, is_visual in step["pieces"] if is_visual]
+      assert set(visual) <= VISUAL_WORDS
+      assert bool(visual) == (step["label"] == "perception")
+
+
+@pytest.mark.parametrize("fmt", [prompts.PGPO, prompts.VGS, prompts.VIGOS], ids=lambda f: f.name)
+def test_render_solution(fmt):
+  for r in _records("train", 10):
+    rendered = render_solution(r["solution"], r["answer"], fmt=fmt)
+    steps = ["".join(t for t, _ in s["pieces"]) for s in r["solution"]["steps"]]
+    box = "\\boxed{" + r["answer"] + "}"
+    if fmt is prompts.VIGOS:  # the prefill "<description>" is in the prompt
+      expected = ("\n" + steps[0] + "\n\n</description>\n<think>\n" + "\n\n".join(steps[1:]) + "\n\n</think>\n" + box)
+    else:
+      tag = fmt.sections[0].open[1:-1]
+      expected = f"<{tag}>\n" + "\n\n".join(steps) + f"\n\n</{tag}>\n" + box
+    assert rendered.text == expected
+    assert rendered.is_visual.shape == rendered.step_id.shape == (len(expected),)
+    visual_text = "".join(np.array(list(rendered.text))[rendered.is_visual])
+    assert visual_text == "".join(t for s in r["solution"]["steps"] for t, v in s["pieces"] if v)
+    # Splitting on "\n\n" gives the steps in order, then the answer segment.
+    segments = rendered.text.split("\n\n")
+    assert len(segments) == len(steps) + 1 == len(rendered.step_labels)
+    start = 0
+    for k, segment in enumerate(segments):
+      ids = set(rendered.step_id[start:start + len(segment)].tolist()) - {-1}
+      assert ids == {k}
+      start += len(segment) + 2
+    assert rendered.step_labels[-1] == "answer"
+    assert rewards.default_reward(rendered.text, r["answer"], fmt=fmt)["overall"] == pytest.approx(1.0)
+
+
+def test_render_rejects_a_format_without_a_section_for_a_label():
+  r = make_record(0, split="train")
+  only_reasoning = prompts.PromptFormat(name="x", system=None, user_template="{question}", prefill="",
+                                        sections=(prompts.Section("<a>", "</a>", ("reasoning",)),), images_first=True)
+  with pytest.raises(ValueError, match="perception"):
+    render_solution(r["solution"], r["answer"], fmt=only_reasoning)
+
+
+# ------------------------------------------------------------------------------------------------- source, config
+
+
+def test_source_is_lazy_random_access():
+  source = SyntheticSource(split="test", num_records=7)
+  assert len(source) == 7
+  assert source[6]["images"][0].tobytes() == make_record(6, split="test")["images"][0].tobytes()
+  with pytest.raises(IndexError):
+    source[7]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"grid": 4}, "grid"), ({"image_size": 40}, "image_size"), ({"tasks": ("count", "ocr")}, "tasks"),
+    ({"tasks": ()}, "tasks"), ({"seed": -1}, "seed")])
+def test_bad_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SyntheticConfig(**kwargs)
+
+
+def test_bad_split_and_index():
+  with pytest.raises(ValueError, match="split"):
+    make_record(0, split="val")
+  with pytest.raises(ValueError, match="index"):
+    make_record(-1, split="train")
+  with pytest.raises(ValueError, match="num_records"):
+    SyntheticSource(split="train", num_records=0)
