@@ -51,12 +51,13 @@ class PolicyBatch:
 def micro_weights(masks, aggregation: str) -> list[float]:
   """Shares that make a sum of per-micro-batch means equal the mean over the whole mini-batch.
 
-  token-mean normalizes by tokens, the sequence-mean modes by sequences.
+  token-mean normalizes by tokens, the sequence-mean modes by sequences with at least one response token (rows
+  masked out entirely, e.g. groups dropped by dynamic sampling, count in neither, as in `losses.aggregate`).
   """
   if aggregation == "token-mean":
     counts = [float(jnp.sum(m)) for m in masks]
   else:
-    counts = [float(m.shape[0]) for m in masks]
+    counts = [float(jnp.sum(jnp.any(m > 0, axis=1))) for m in masks]
   total = max(sum(counts), 1.0)
   return [c / total for c in counts]
 

@@ -1,0 +1,72 @@
+r"""Accuracy of a policy on a held-out split: avg@k over k samples per prompt, or greedy.
+
+  python -m jaxvg.evaluate --config configs/demo.py --params runs/demo/final [--k 8 --temperature 1.0]
+  python -m jaxvg.evaluate --config configs/demo.py --hf path/to/hf_dir
+"""
+
+import argparse
+import json
+import sys
+
+import jax
+import numpy as np
+
+from jaxvg import builders, checkpoint, config_lib, rewards, rollout
+
+
+def accuracy(graphdef, params, batches, *, tokenizer, fmt, reward_fn, max_new_tokens: int, stop_token_ids,
+             greedy: bool = True, k: int = 1, temperature: float = 1.0, seed: int = 0) -> float:
+  """Mean accuracy over the valid prompts of `batches` (avg@k: the mean over k samples of each prompt)."""
+  sampling = rollout.SamplingConfig(num_samples=1 if greedy else k, max_new_tokens=max_new_tokens,
+                                    temperature=0.0 if greedy else temperature, stop_token_ids=tuple(stop_token_ids),
+                                    pad_token_id=int(tokenizer.pad_token_id))
+  key = jax.random.key(seed)
+  scores = []
+  for batch in batches:
+    key, sub = jax.random.split(key)
+    p = batch.prompts
+    rolls = jax.device_get(rollout.rollout(graphdef, params, input_ids_BT=p.input_ids_BT,
+                                           attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
+                                           deltas_B=p.deltas_B, vision=p.vision, key=sub, config=sampling))
+    texts = builders.decode_completions(tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=fmt.prefill)
+    G = sampling.num_samples
+    for n, text in enumerate(texts):
+      b = n // G
+      if np.asarray(p.valid_B)[b]:
+        scores.append(reward_fn(text, batch.answers[b], fmt=fmt)["accuracy"])
+  if not scores:
+    raise ValueError("the evaluation split yielded no valid prompt")
+  return float(np.mean(scores))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--set", action="append", default=[])
+  parser.add_argument("--params", help="a params checkpoint written by jaxvg.train (out_dir/final)")
+  parser.add_argument("--hf", help="a Hugging Face Qwen2.5-VL directory")
+  parser.add_argument("--k", type=int, default=1)
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--greedy", action="store_true")
+  args = parser.parse_args(argv)
+  cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
+  if args.hf:
+    cfg = config_lib.override(cfg, f"model.hf_path={args.hf}")
+  tokenizer, model = builders.build_model(cfg.model, cfg.data)
+  from flax import nnx
+  graphdef, params = nnx.split(model, nnx.Param)
+  if args.params:
+    params = checkpoint.restore_params(args.params, params)
+  fmt = builders.prompt_format(cfg.data)
+  batches = builders.make_eval_data(cfg.data, tokenizer, model.cfg)
+  acc = accuracy(graphdef, params, batches, tokenizer=tokenizer, fmt=fmt,
+                 reward_fn=rewards.load_reward_fn(cfg.algo.reward_fn), max_new_tokens=cfg.rollout.max_new_tokens,
+                 stop_token_ids=builders.stop_token_ids(tokenizer), greedy=args.greedy or args.k == 1, k=args.k,
+                 temperature=args.temperature)
+  print(json.dumps({"accuracy": acc, "k": args.k, "greedy": args.greedy or args.k == 1,
+                    "prompts": sum(int(np.asarray(b.prompts.valid_B).sum()) for b in batches)}))
+  return acc
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,107 @@
+"""The config tree of a training run. `configs/<name>.py` returns a `Config`; `--set a.b=value` overrides a field.
+
+Each stage reads only its own section. Adding a field needs a caller that sets it.
+"""
+
+import dataclasses
+
+from jaxvg.optim import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCfg:
+  hf_path: str | None = None       # a local HF Qwen2.5-VL directory; None builds a random `preset` model
+  preset: str = "tiny"             # tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | qwen2.5-vl-32b | qwen2.5-vl-72b
+  tiny_width: int = 64             # the tiny preset's decoder width D
+  tiny_layers: int = 2
+  dtype: str = "float32"           # compute dtype
+  param_dtype: str = "float32"     # master weights
+  remat: bool = False
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCfg:
+  source: str = "synthetic"        # synthetic | geo3k | verl | jsonl
+  path: str | None = None          # a parquet / jsonl file (not for synthetic)
+  image_dir: str | None = None     # jsonl image folder
+  eval_path: str | None = None
+  tokenizer: str | None = None     # None: the checkpoint's, or the shipped one with a random model
+  prompt_format: str = "pgpo"      # pgpo | vgs | vigos
+  num_train: int = 4096            # synthetic records
+  num_eval: int = 64
+  image_size: int = 112            # synthetic image side in pixels
+  prompts_per_batch: int = 8
+  max_prompt_tokens: int = 512
+  min_pixels: int = 56 * 56
+  max_pixels: int = 112 * 112
+  length_buckets: tuple[int, ...] = (64, 128, 256, 512)
+  patch_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+  max_images: int = 1
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutCfg:
+  group_size: int = 8
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoCfg:
+  name: str = "dapo"                # grpo | dapo | drgrpo | gspo: the loss preset
+  advantage: str = "grpo"           # grpo | drgrpo | rloo | batch
+  dynamic_sampling: bool = True     # DAPO: keep groups whose mean accuracy is inside (ds_low, ds_high)
+  ds_low: float = 0.01
+  ds_high: float = 0.99
+  ds_max_tries: int = 4
+  kl_coef: float = 0.0
+  entropy_coef: float = 0.0
+  epochs: int = 1                   # passes over each rollout batch
+  minibatches: int = 1              # optimizer updates per epoch
+  reward_fn: str = "jaxvg.rewards:default_reward"
+
+
+@dataclasses.dataclass(frozen=True)
+class CreditCfg:
+  method: str = "none"              # none | pgpo | pacr | pdcr
+  counterfactual: str = "mask_visual"
+  tau: float = 0.4
+  beta: float = 2.0
+  threshold_mode: str = "absolute"
+  low_weight_floor: float = 0.0
+  mass_normalize: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTCfg:
+  steps: int = 0                    # supervised warm-start steps on reference solutions (0: none)
+  batch_size: int = 16
+  reuse: bool = True                # reuse a finished warm-start from out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCfg:
+  steps: int = 10
+  seed: int = 0
+  out_dir: str = "runs/default"
+  log_every: int = 1
+  eval_every: int = 0               # 0: evaluate only before and after
+  eval_greedy: bool = True
+  samples_logged: int = 4           # rollouts written to samples.jsonl per step
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelCfg = ModelCfg()
+  data: DataCfg = DataCfg()
+  rollout: RolloutCfg = RolloutCfg()
+  algo: AlgoCfg = AlgoCfg()
+  credit: CreditCfg = CreditCfg()
+  optim: OptimConfig = OptimConfig()
+  sft: SFTCfg = SFTCfg()
+  sft_optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, weight_decay=0.0)
+  train: TrainCfg = TrainCfg()

@@ -1,0 +1,116 @@
+"""Host-side metrics: a JSONL log, TensorBoard event files, sample rollouts, and a progress line with an ETA.
+
+Only process 0 writes (multi-host runs call every writer on every host; the others are no-ops).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  return float(v) if v.size == 1 else None
+
+
+class MetricsWriter:
+  """Writes one JSON line and one TensorBoard event per call of `write(step, metrics)`."""
+
+  def __init__(self, out_dir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.out_dir = out_dir
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(out_dir, exist_ok=True)
+    self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    self._samples = open(os.path.join(out_dir, "samples.jsonl"), "a")
+    if tensorboard:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._tb = EventFileWriter(os.path.join(out_dir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, *, histograms: dict | None = None):
+    if not self.enabled:
+      return
+    scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None and math.isfinite(s)}
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+      for tag, data in (histograms or {}).items():
+        values.append(summary_pb2.Summary.Value(tag=tag, histo=_histogram(np.asarray(data, np.float64).ravel())))
+      self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                         summary=summary_pb2.Summary(value=values)))
+      self._tb.flush()
+
+  def write_samples(self, step: int, samples: list[dict]):
+    if not self.enabled:
+      return
+    for s in samples:
+      self._samples.write(json.dumps({"step": int(step), **s}, default=_jsonable) + "\n")
+    self._samples.flush()
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._samples.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _jsonable(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  raise TypeError(f"cannot serialize {type(x).__name__}")
+
+
+def _histogram(values: np.ndarray):
+  from tensorboard.compat.proto import summary_pb2
+  if values.size == 0:
+    values = np.zeros(1)
+  counts, edges = np.histogram(values, bins=30)
+  return summary_pb2.HistogramProto(min=float(values.min()), max=float(values.max()), num=float(values.size),
+                                    sum=float(values.sum()), sum_squares=float((values**2).sum()),
+                                    bucket_limit=[float(e) for e in edges[1:]], bucket=[float(c) for c in counts])
+
+
+class Progress:
+  """A one-line progress bar with rate and ETA, redrawn in place on a terminal and printed per update otherwise."""
+
+  def __init__(self, total: int, *, desc: str = "", enabled: bool = True, stream=None):
+    self.total, self.desc, self.enabled = total, desc, enabled
+    self.stream = stream or sys.stderr
+    self.start = time.time()
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+  def update(self, done: int, info: str = ""):
+    if not self.enabled:
+      return
+    elapsed = time.time() - self.start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    width = 24
+    filled = int(width * done / max(self.total, 1))
+    bar = "#" * filled + "-" * (width - filled)
+    line = (f"{self.desc} [{bar}] {done}/{self.total} {_fmt(elapsed)} elapsed, ETA {_fmt(eta)}"
+            f"{'  ' + info if info else ''}")
+    self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+    self.stream.flush()
+
+  def close(self):
+    if self.enabled and self.tty:
+      self.stream.write("\n")
+
+
+def _fmt(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  return f"{m}:{s:02d}"

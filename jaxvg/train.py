@@ -1,0 +1,214 @@
+r"""RL post-training of a Qwen2.5-VL policy: sample -> reward -> score -> credit -> update.
+
+  python -m jaxvg.train --config configs/demo.py [--set rollout.group_size=8 ...]
+
+The script reads top to bottom like the pipeline; every device stage is a pure function jitted once.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import types
+
+from jaxvg import advantages as adv_lib
+from jaxvg import builders, checkpoint, config_lib, credit, dynamic_sampling, evaluate, experiment, losses, metrics
+from jaxvg import optim, rollout, sft, update
+from jaxvg import rewards as rewards_lib
+
+log = logging.getLogger("jaxvg")
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="a python file under configs/ defining get_config()")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+  return run(cfg)
+
+
+def run(cfg: experiment.Config) -> dict:
+  out_dir = cfg.train.out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_lib.to_dict(cfg), f, indent=2)
+  lead = jax.process_index() == 0
+
+  # ================================================================================= Model, tokenizer, data
+  tokenizer, model = builders.build_model(cfg.model, cfg.data)
+  model_cfg = model.cfg
+  counterfactuals = credit.counterfactuals_needed(cfg.credit)
+  train_data = builders.make_train_data(cfg.data, tokenizer, model_cfg, counterfactuals=counterfactuals)
+  eval_data = builders.make_eval_data(cfg.data, tokenizer, model_cfg)
+  fmt = builders.prompt_format(cfg.data)
+  reward_fn = rewards_lib.load_reward_fn(cfg.algo.reward_fn)
+  stop_ids = builders.stop_token_ids(tokenizer)
+  sampling = rollout.SamplingConfig(num_samples=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                    top_k=cfg.rollout.top_k, stop_token_ids=stop_ids,
+                                    pad_token_id=int(tokenizer.pad_token_id))
+  writer = metrics.MetricsWriter(out_dir, enabled=lead)
+
+  # ================================================================================= Supervised warm start
+  if cfg.sft.steps:
+    model = sft.warm_start(cfg, model, tokenizer, writer)
+
+  # ================================================================================= Optimizer and state
+  tx = optim.make_optimizer(cfg.optim, optim.trainable_params(model))
+  state = update.init_state(model, tx)
+  G = cfg.rollout.group_size
+  loss_cfg = losses.preset(cfg.algo.name, kl_coef=cfg.algo.kl_coef, entropy_coef=cfg.algo.entropy_coef,
+                           **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
+
+  # ================================================================================= Jitted stages
+  policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg),
+                        donate_argnums=(0,))
+  score = jax.jit(update.score_fn, static_argnums=(1, 5))
+  credit_fn = credit.make_credit_fn(cfg.credit, model_cfg, tokenizer, G)
+
+  # ================================================================================= Evaluate before
+  def evaluate_now(state):
+    return evaluate.accuracy(state.graphdef, state.params, eval_data, tokenizer=tokenizer, fmt=fmt,
+                             reward_fn=reward_fn, max_new_tokens=cfg.rollout.max_new_tokens,
+                             stop_token_ids=stop_ids, greedy=cfg.train.eval_greedy)
+
+  acc_before = evaluate_now(state)
+  log.info("accuracy before: %.4f", acc_before)
+
+  # ================================================================================= RL loop
+  key = jax.random.key(cfg.train.seed)
+  data_iter = iter(train_data)
+  guard = credit.DependencyGuard()
+  progress = metrics.Progress(cfg.train.steps, desc=cfg.algo.name, enabled=lead)
+  reward_curve = []
+  for step in range(cfg.train.steps):
+    t0 = time.time()
+    times = {"sample": 0.0, "reward": 0.0}
+
+    # ---- sample and reward, with DAPO's dynamic sampling: draw prompt batches until enough informative groups
+    target = cfg.data.prompts_per_batch * cfg.algo.minibatches
+    low, high = (cfg.algo.ds_low, cfg.algo.ds_high) if cfg.algo.dynamic_sampling else (-1.0, 2.0)
+    accumulator = dynamic_sampling.DynamicBatch(
+        target_groups=target, group_size=G, low=low, high=high,
+        max_tries=max(cfg.algo.ds_max_tries, cfg.algo.minibatches) if cfg.algo.dynamic_sampling
+        else cfg.algo.minibatches)
+    drawn = []
+    while not accumulator.done:
+      batch = next(data_iter)
+      key, sample_key = jax.random.split(key)
+      ts = time.time()
+      p = batch.prompts
+      rolls = jax.device_get(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
+                                             attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
+                                             deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling))
+      times["sample"] += time.time() - ts
+      ts = time.time()
+      texts = builders.decode_completions(tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=fmt.prefill)
+      scores = [reward_fn(t, batch.answers[n // G], fmt=fmt) for n, t in enumerate(texts)]
+      times["reward"] += time.time() - ts
+      # Filler rows of a short batch never count as kept groups.
+      accuracy_N = np.asarray([s["accuracy"] for s in scores]) if cfg.algo.dynamic_sampling else np.full(len(scores), .5)
+      accuracy_N = np.where(np.repeat(np.asarray(p.valid_B), G), accuracy_N, 0.0)
+      accumulator.add({"try": np.full(len(scores), len(drawn)), "row": np.arange(len(scores))}, accuracy_N)
+      drawn.append((batch, rolls, texts, scores))
+    kept, ds_stats = accumulator.result()
+    keep_rows = [np.zeros(len(d[3]), bool) for d in drawn]
+    for t, r in zip(kept["try"], kept["row"]):
+      keep_rows[t][r] = True
+
+    # ---- score (old policy), advantages, credit: one micro-batch per drawn prompt batch
+    ts = time.time()
+    prepared = []
+    for (batch, rolls, texts, scores), keep_N in zip(drawn, keep_rows):
+      if not keep_N.any():
+        continue
+      prompt = credit.as_prompt_inputs(batch.prompts)
+      tokens_NT = jnp.asarray(rolls.tokens_BT)
+      mask_NT = jnp.asarray(np.asarray(rolls.mask_BT) & keep_N[:, None])
+      logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
+      rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
+      adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=cfg.algo.advantage),
+                                           mask_NT)
+      mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT)
+      adv_NT, credit_metrics, dep_map = credit_fn(state, mb, logp_old, adv_NT)
+      prepared.append(dict(prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, entropy=entropy,
+                           adv=adv_NT, credit=credit_metrics, dep=dep_map,
+                           scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
+                           answers=batch.answers))
+    times["score"] = time.time() - ts
+
+    # ---- update: epochs x minibatches, micro-batches accumulated into each update
+    ts = time.time()
+    step_metrics = []
+    if prepared:
+      chunks = np.array_split(np.arange(len(prepared)), min(cfg.algo.minibatches, len(prepared)))
+      for _ in range(cfg.algo.epochs):
+        for chunk in chunks:
+          parts = [prepared[i] for i in chunk]
+          weights = update.micro_weights([d["mask"] for d in parts], loss_cfg.aggregation)
+          micro = tuple(update.PolicyBatch(d["prompt"], d["tokens"], d["mask"], d["logp_old"], d["adv"],
+                                           jnp.zeros_like(d["logp_old"]), jnp.asarray(w, jnp.float32))
+                        for d, w in zip(parts, weights))
+          state, m = policy_step(state, micro)
+          step_metrics.append(jax.device_get(m))
+    else:
+      log.warning("step %d: no informative group was sampled; no update", step)
+    times["update"] = time.time() - ts
+
+    # ---- metrics
+    agg = {k: float(np.mean([m[k] for m in step_metrics])) for k in (step_metrics[0] if step_metrics else {})}
+    all_scores = [s for d in drawn for s in d[3]]
+    for name in all_scores[0]:
+      agg[f"reward/{name}"] = float(np.mean([s[name] for s in all_scores]))
+    lengths = np.concatenate([np.asarray(d[1].lengths_B) for d in drawn])
+    agg["response_length"] = float(lengths.mean())
+    if prepared:
+      adv_all = np.concatenate([np.asarray(d["adv"])[np.asarray(d["mask"]) > 0] for d in prepared])
+      agg["adv/mean"], agg["adv/std"] = float(adv_all.mean()), float(adv_all.std())
+      agg["adv/abs_max"] = float(np.abs(adv_all).max()) if adv_all.size else 0.0
+      for d in prepared:
+        for k, v in d["credit"].items():
+          agg[k] = agg.get(k, 0.0) + float(v) / len(prepared)
+    agg.update({f"dynamic_sampling/{k}": float(v) for k, v in dataclasses.asdict(ds_stats).items()})
+    agg.update({f"time/{k}": v for k, v in times.items()})
+    agg["time/step"] = time.time() - t0
+    agg["tokens_per_s"] = float(lengths.sum()) / max(times["sample"], 1e-9)
+    agg["skipped_updates"] = float(jax.device_get(state.skipped))
+    if "dependency/mean_image_prompts" in agg and guard.update(agg["dependency/mean_image_prompts"]):
+      agg["dependency/guard_fired"] = 1.0
+    reward_curve.append(agg["reward/overall"])
+    writer.write(step, agg, histograms={f"dependency/{k}": v for d in prepared for k, v in (d["dep"] or {}).items()})
+    samples = [{"prompt_id": batch.ids[n // G], "answer": batch.answers[n // G], "completion": texts[n], **scores[n]}
+               for batch, _, texts, scores in drawn[:1] for n in range(min(cfg.train.samples_logged, len(texts)))]
+    writer.write_samples(step, samples)
+    progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
+    if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+      writer.write(step, {"eval/accuracy": evaluate_now(state)})
+  progress.close()
+
+  # ================================================================================= Evaluate after, save
+  acc_after = evaluate_now(state)
+  writer.write(cfg.train.steps, {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after})
+  checkpoint.save_params(os.path.join(out_dir, "final"), state.graphdef, state.params)
+  writer.close()
+  print(f"accuracy before: {acc_before:.4f}")
+  print(f"accuracy after: {acc_after:.4f}")
+  return {"accuracy_before": acc_before, "accuracy_after": acc_after, "reward_curve": reward_curve}
+
+
+if __name__ == "__main__":
+  main()
