@@ -106,7 +106,8 @@ class ModelConfig:
     if mrope is None:
       raise ValueError("config.json has no mrope_section (in rope_parameters or rope_scaling)")
     vision_rope = vision.get("rope_parameters") or {}
-    tie = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    # transformers ties when either level asks for it (Qwen2_5_VLConfig.__post_init__).
+    tie = bool(hf.get("tie_word_embeddings", False)) or bool((hf.get("text_config") or {}).get("tie_word_embeddings"))
     eos = text.get("eos_token_id", hf.get("eos_token_id"))
     return cls(
         text=TextConfig(
@@ -116,7 +117,7 @@ class ModelConfig:
             num_layers=int(text["num_hidden_layers"]),
             num_heads=int(text["num_attention_heads"]),
             num_kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),  # transformers' default when absent
             rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1000000.0))),
             mrope_section=tuple(int(x) for x in mrope),
             max_position_embeddings=int(text.get("max_position_embeddings", 128000)),
@@ -128,7 +129,7 @@ class ModelConfig:
             intermediate_size=int(vision["intermediate_size"]),
             num_heads=int(vision["num_heads"]),
             out_hidden_size=int(vision.get("out_hidden_size", text["hidden_size"])),
-            fullatt_block_indexes=tuple(int(i) for i in vision.get("fullatt_block_indexes", ())),
+            fullatt_block_indexes=tuple(int(i) for i in vision.get("fullatt_block_indexes", (7, 15, 23, 31))),
             in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
             patch_size=int(vision.get("patch_size", vision.get("spatial_patch_size", 14))),
             temporal_patch_size=int(vision.get("temporal_patch_size", 2)),

@@ -118,6 +118,34 @@ def _tables(cfg: ModelConfig):
   return read, write
 
 
+def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The shape of every checkpoint tensor (per-layer keys as templates) that `cfg` implies."""
+  t, v = cfg.text, cfg.vision
+  D, F, V, NH, KH = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_heads * t.head_dim, \
+      t.num_kv_heads * t.head_dim
+  E, VF, M = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
+  lyr, blk = "model.layers.{l}.", "visual.blocks.{l}."
+  shapes = {
+      "model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,),
+      lyr + "input_layernorm.weight": (D,), lyr + "post_attention_layernorm.weight": (D,),
+      lyr + "self_attn.q_proj.weight": (NH, D), lyr + "self_attn.q_proj.bias": (NH,),
+      lyr + "self_attn.k_proj.weight": (KH, D), lyr + "self_attn.k_proj.bias": (KH,),
+      lyr + "self_attn.v_proj.weight": (KH, D), lyr + "self_attn.v_proj.bias": (KH,),
+      lyr + "self_attn.o_proj.weight": (D, NH), lyr + "mlp.gate_proj.weight": (F, D),
+      lyr + "mlp.up_proj.weight": (F, D), lyr + "mlp.down_proj.weight": (D, F),
+      "visual.patch_embed.proj.weight": (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
+      blk + "norm1.weight": (E,), blk + "norm2.weight": (E,), blk + "attn.qkv.weight": (3 * E, E),
+      blk + "attn.qkv.bias": (3 * E,), blk + "attn.proj.weight": (E, E), blk + "attn.proj.bias": (E,),
+      blk + "mlp.gate_proj.weight": (VF, E), blk + "mlp.gate_proj.bias": (VF,), blk + "mlp.up_proj.weight": (VF, E),
+      blk + "mlp.up_proj.bias": (VF,), blk + "mlp.down_proj.weight": (E, VF), blk + "mlp.down_proj.bias": (E,),
+      "visual.merger.ln_q.weight": (E,), "visual.merger.mlp.0.weight": (M, M), "visual.merger.mlp.0.bias": (M,),
+      "visual.merger.mlp.2.weight": (D, M), "visual.merger.mlp.2.bias": (D,),
+  }
+  if t.tie_word_embeddings:
+    del shapes["lm_head.weight"]
+  return shapes
+
+
 def _canonical(key: str) -> str:
   """transformers-5 in-memory names -> the checkpoint names this module reads and writes."""
   if key.startswith("model.language_model."):
@@ -199,6 +227,15 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[[str,
   dtype = dtype or _checkpoint_dtype(hf_config, ckpt)
   param_dtype = param_dtype or dtype
   read, _ = _tables(cfg)
+  for template, want in _hf_shapes(cfg).items():
+    layers = cfg.text.num_layers if template.startswith("model.layers") else cfg.vision.depth
+    for key in _expand(template, layers):
+      if key not in ckpt.where:
+        raise KeyError(f"{path}: tensor {key!r} is missing from the checkpoint")
+      if tuple(ckpt.shape(key)) != want:
+        name, raw = ckpt.where[key]
+        raise ValueError(f"{path}/{name}: tensor {raw!r} has shape {tuple(ckpt.shape(key))}, but config.json "
+                         f"implies {want}")
 
   abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                              remat=remat))
@@ -213,16 +250,7 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[[str,
     layers = cfg.text.num_layers if name.startswith("decoder/") else cfg.vision.depth
     keys = _expand(template, layers)
     expected.update(keys)
-    for key in keys:
-      if key not in ckpt.where:
-        raise KeyError(f"{path}: tensor {key!r} (for {name}) is missing from the checkpoint")
     stacked = _LAYER in template
-    probe_shape = fn(np.zeros(ckpt.shape(keys[0]), np.float32)).shape
-    want = var.value.shape[1:] if stacked else var.value.shape
-    if probe_shape != tuple(want):
-      name0, raw0 = ckpt.where[keys[0]]
-      raise ValueError(f"{path}/{name0}: tensor {raw0!r} has shape {ckpt.shape(keys[0])}, which maps to "
-                       f"{probe_shape} but the config gives {tuple(want)} for {name}")
 
     def fetch(index, keys=keys, fn=fn, stacked=stacked, target=var.value):
       if stacked:
