@@ -24,7 +24,8 @@ def _check_1d(**arrays) -> int:
   return sizes.pop()
 
 
-def otsu_threshold(values_M: Float[Array, " M"], valid_M: Bool[Array, " M"]) -> tuple[Float[Array, ""], Int[Array, " M"]]:
+def otsu_threshold(values_M: Float[Array, " M"],
+                   valid_M: Bool[Array, " M"]) -> tuple[Float[Array, ""], Int[Array, " M"]]:
   """Otsu's two-cluster split of the valid values, in O(M log M) via a sort and prefix sums.
 
   With the n valid values sorted v_(1) <= ... <= v_(n), S1(k) = sum_{i<=k} v_(i), Q = sum v^2 and T = S1(n):

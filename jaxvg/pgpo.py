@@ -167,7 +167,8 @@ def pgpo_advantages(adv_BT: Float[Array, "B T"], weights_BT: Float[Array, "B T"]
 
 
 def pgpo_token_advantages(adv_B: Float[Array, " B"], logp_img_BT: Float[Array, "B T"], logp_txt_BT: Float[Array, "B T"],
-                          mask_BT: Bool[Array, "B T"], cfg: PGPOConfig) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+                          mask_BT: Bool[Array, "B T"],
+                          cfg: PGPOConfig) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
   """The whole PGPO stage: k3 scores -> weights -> token advantages. Returns (adv_BT, weights_BT)."""
   score_BT = k3_dependency(logp_img_BT, logp_txt_BT, mask_BT)
   weights_BT = pgpo_weights(score_BT, mask_BT, tau=cfg.tau, beta=cfg.beta, eps=cfg.eps,

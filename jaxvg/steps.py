@@ -11,7 +11,7 @@ the row up to boundary k and causally to itself (tree attention), with positions
 """
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,19 +37,24 @@ class StepTables:
 
 
 def build_step_tables(decode: Callable[[int], str], vocab_size: int, *, delimiter: str = "\n\n",
-                      fallback_delimiter: str = "\n") -> StepTables:
+                      fallback_delimiter: str = "\n", blank_ids: Sequence[int] = ()) -> StepTables:
   """Host-side: decode every id once and record which ids hold the delimiters or only whitespace.
 
-  `decode(id) -> str` is e.g. `lambda i: tokenizer.decode([i])`.
+  `decode(id) -> str` is e.g. `lambda i: tokenizer.decode([i])`. `blank_ids` are also marked blank, so they never
+  open a step: pass the end-of-turn / EOS ids, otherwise "answer\n\n<|im_end|>" would end with an EOS-only step.
   """
   if not delimiter or not fallback_delimiter:
     raise ValueError(f"delimiters must be non-empty, got {delimiter!r} and {fallback_delimiter!r}")
   if vocab_size < 1:
     raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+  bad = [i for i in blank_ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"blank_ids {bad} lie outside [0, vocab_size={vocab_size})")
   texts = [decode(i) for i in range(vocab_size)]
+  is_blank_V = np.array([not s.strip() for s in texts], bool)
+  is_blank_V[list(blank_ids)] = True
   return StepTables(is_boundary_V=np.array([delimiter in s for s in texts], bool),
-                    is_fallback_V=np.array([fallback_delimiter in s for s in texts], bool),
-                    is_blank_V=np.array([not s.strip() for s in texts], bool))
+                    is_fallback_V=np.array([fallback_delimiter in s for s in texts], bool), is_blank_V=is_blank_V)
 
 
 def _segment_row(tokens_T: jnp.ndarray, mask_T: jnp.ndarray, is_boundary_V: jnp.ndarray,

@@ -66,6 +66,20 @@ def test_build_step_tables_by_hand():
     steps.build_step_tables(lambda i: "", 3, delimiter="")
 
 
+def test_blank_ids_keep_eos_in_the_last_step():
+  # "a\n\nb\n\n<eos>": with <eos> (id 0 here) marked blank it joins step 1 instead of opening an EOS-only step 2.
+  tables = steps.build_step_tables(lambda i: TEXTS[i], len(TEXTS), blank_ids=[PAD])
+  assert tables.is_blank_V[PAD] and not TABLES.is_blank_V[PAD]
+  row = jnp.array([[A, NN, B, NN, PAD]])
+  kwargs = dict(is_boundary_V=tables.is_boundary_V, is_fallback_V=tables.is_fallback_V, max_steps=4)
+  seg = _jit_segment(row, jnp.ones((1, 5), bool), is_blank_V=tables.is_blank_V, **kwargs)
+  np.testing.assert_array_equal(seg.step_ids_BT[0], [0, 0, 1, 1, 1])
+  seg = _jit_segment(row, jnp.ones((1, 5), bool), is_blank_V=TABLES.is_blank_V, **kwargs)
+  np.testing.assert_array_equal(seg.step_ids_BT[0], [0, 0, 1, 1, 2])
+  with pytest.raises(ValueError, match="blank_ids"):
+    steps.build_step_tables(lambda i: TEXTS[i], len(TEXTS), blank_ids=[99])
+
+
 def test_double_newline_steps():
   # "a\n\nb\n\nc": steps [a \n\n] [b \n\n] [c]; ends at response indices 1, 3, 4.
   ids, num, ends = _segment([[A, NN, B, NN, C]])
@@ -222,7 +236,7 @@ def _init_model(key, vocab=16, width=16, heads=2, head_dim=8, layers=2):
 def _rope(x_TNH, pos_T):
   half = x_TNH.shape[-1] // 2
   freq_H = 1.0 / (100.0 ** (jnp.arange(half) / half))
-  ang_T1H = (pos_T[:, None].astype(jnp.float32) * freq_H)[:, None, :]
+  ang_T1H = (pos_T[:, None].astype(jnp.float32) * freq_H[None, :])[:, None, :]
   x1, x2 = x_TNH[..., :half], x_TNH[..., half:]
   return jnp.concatenate([x1 * jnp.cos(ang_T1H) - x2 * jnp.sin(ang_T1H), x1 * jnp.sin(ang_T1H) + x2 * jnp.cos(ang_T1H)],
                          axis=-1)
