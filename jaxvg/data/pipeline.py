@@ -212,17 +212,24 @@ def make_dataset(source, *, tokenizer, prompt: processing.PromptConfig, data: Da
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=data.prefetch if data.read_threads else 0))
   if data.worker_count:
+    _mark_flags_parsed()  # grain reads its absl flags when it starts the workers
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count, per_worker_buffer_size=2),
                         worker_init_fn=_worker_init)
   return BatchDataset(it, data=data, prompt=prompt, vision=vision, pad_id=int(tokenizer.pad_token_id),
                       epoch_size=per_shard)
 
 
-def _worker_init(worker_index: int, worker_count: int):
-  """grain worker processes: absl flags are never parsed there, and libraries that log through absl need them."""
-  del worker_index, worker_count
+def _mark_flags_parsed():
+  """grain reads absl flags (with their defaults) in the parent and in each worker; a program that never parsed
+  them (pytest, a notebook) would fail there. Programs that do parse flags are left alone."""
   from absl import flags
-  flags.FLAGS.mark_as_parsed()
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _worker_init(worker_index: int, worker_count: int):
+  del worker_index, worker_count
+  _mark_flags_parsed()
 
 
 def make_iterator(source, **kwargs) -> BatchIterator:
