@@ -38,10 +38,10 @@ class PromptBatch:
   attention_mask_BT: np.ndarray     # int32, 1 on real tokens
   mm_token_type_ids_BT: np.ndarray  # int32, 1 on image pads
   positions_3BT: np.ndarray         # int32 M-RoPE (t, h, w) ids, 0 on padding
-  deltas_B: np.ndarray              # int32: generated token n (0-based, after the prompt) has position len_b + n + delta
+  deltas_B: np.ndarray              # int32: generated token n (from 0) gets position len_b + n + delta_b
   valid_B: np.ndarray               # bool, False on filler rows of a short final batch
   vision: VisionInputs | None       # the tower's input (padded patches + layout), None for text-only variants
-  image_grid_thw_I3: np.ndarray     # int32 real grids first, then zero rows (I = batch_size * max_images; 0 if no vision)
+  image_grid_thw_I3: np.ndarray     # int32 real grids, then zero rows (I = batch_size * max_images; 0 without vision)
   num_images_B: np.ndarray          # int32 real images per example
   counterfactuals: dict = dataclasses.field(default_factory=dict)  # mode -> PromptBatch (mask_visual, no_image, ...)
 
@@ -103,8 +103,10 @@ def collate_prompts(prompts: Sequence[Prompt], *, with_vision: bool, length_buck
                            patch_size=patch_size, pad_to=P)
     X = pixels[0].shape[1] if pixels else 3 * 2 * patch_size**2
     pixel_values = np.zeros((P, X), np.float32)
-    if pixels:
-      pixel_values[:num_patches] = np.concatenate(pixels)
+    offset = 0
+    for px in pixels:  # one copy straight into the padded array (a batch of 512x512 images is ~50 MB)
+      pixel_values[offset:offset + len(px)] = px
+      offset += len(px)
     vision = VisionInputs(pixel_values, layout.rope_hw_P2, layout.window_index_Q, layout.window_seg_P,
                           layout.image_seg_P)
     grid_rows = np.zeros((image_rows, 3), np.int32)

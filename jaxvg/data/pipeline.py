@@ -12,6 +12,9 @@ little more than the next index. Each epoch is shuffled differently (grain resee
 `shard_index` of `shard_count` (default jax.process_index() / jax.process_count()) reads every shard_count-th element
 of the shuffled epoch, truncated to a multiple of shard_count so that all hosts see the same number of records.
 
+Shapes are bucketed per batch (jaxvg.data.batch). With several hosts feeding one global batch, every host must pick
+the same buckets: give a single length bucket and a single patch bucket, or agree on them per step.
+
 Processing (image decode, transformers' image processor, chat template, tokenization, positions) runs in the grain
 map: in the iterating thread, in `read_threads` threads, or in `worker_count` worker processes (mp_prefetch).
 Bad records come out of the map as `Rejected` markers; the batching iterator, in the main process, counts them by
@@ -200,6 +203,11 @@ def make_dataset(source, *, tokenizer, prompt: processing.PromptConfig, data: Da
   if per_shard == 0:
     raise ValueError(f"the source has {n} records, fewer than shard_count={shard_count}")
   prompt = record_limits(prompt, data)
+  per_image = processing.max_patches_per_image(prompt)
+  if per_image > prompt.max_patches:
+    log.warning("max_pixels=%d lets one image take %d patches, but a record may hold %d (max(patch_buckets) // "
+                "batch_size): larger images are skipped as too_many_patches; lower max_pixels to resize them instead",
+                prompt.max_pixels, per_image, prompt.max_patches)
   processor = processing.make_processor(tokenizer, prompt)
 
   ds = grain.MapDataset.range(n)
