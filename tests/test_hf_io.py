@@ -118,6 +118,20 @@ def test_bf16_checkpoint_with_float32_request(ckpts):
     np.testing.assert_array_equal(p, params16[name].astype(np.float32), err_msg=name)
 
 
+def test_load_transformers5_in_memory_names(ckpts, tmp_path):
+  # A file written straight from a transformers-5 state_dict uses model.language_model.* / model.visual.* names,
+  # and a tied model's state_dict also lists lm_head.weight (the shared matrix).
+  hf = load_torch_model(ckpts["single"])
+  state = {k: v.detach().contiguous().numpy() for k, v in hf.state_dict().items()}
+  assert "model.language_model.layers.0.self_attn.q_proj.weight" in state and "lm_head.weight" in state
+  shutil.copy(os.path.join(ckpts["single"], "config.json"), tmp_path / "config.json")
+  save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  renamed, original = _params(load_hf(str(tmp_path))), _params(load_hf(ckpts["single"]))
+  assert renamed.keys() == original.keys()
+  for name in original:
+    np.testing.assert_array_equal(renamed[name], original[name], err_msg=name)
+
+
 # ---------------------------------------------------------------- export
 
 

@@ -9,6 +9,7 @@ heads/kv = 4/4, 4/2, 4/1. Only valid (non-padding) positions are compared.
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from hf_fixtures import TinyIds, hf_reference, make_mm_batch, make_tiny_hf_checkpoint, load_torch_model
@@ -159,3 +160,31 @@ def test_mm_token_type_ids_default(base):
   batch = dict(base["batch"])
   batch.pop("mm_token_type_ids")
   np.testing.assert_allclose(_logits(base["model"], batch), base["logits"], atol=1e-6, rtol=0)
+
+
+def test_vision_tower_with_frames(base):
+  # Grids with t = 2 frames: full-attention blocks attend within each frame, as transformers' cu_seqlens say.
+  model, hf = base["model"], base["hf"]
+  grids = np.array([[2, 4, 6], [1, 6, 4]])
+  pixels = np.random.default_rng(14).normal(size=(int(grids.prod(-1).sum()), model.cfg.vision.patch_dim))
+  pixels = pixels.astype(np.float32)
+  with torch.no_grad():
+    ref = hf.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grids))
+  v = model.cfg.vision
+  layout = vision_layout(grids, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                         patch_size=v.patch_size)
+  feats_QD, out = nnx.jit(lambda m, vis: m.vision(vis))(model, VisionInputs.from_layout(pixels, layout))
+  np.testing.assert_allclose(np.asarray(out["vision_hidden_PE"]), ref.last_hidden_state.numpy(), atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(feats_QD), ref.pooler_output.numpy(), atol=TOL, rtol=0)
+
+
+def test_image_token_count_mismatch_raises(base):
+  # One image-pad token too few for its grid: a clear error, as transformers raises, never a silent misplacement.
+  batch = dict(base["batch"])
+  ids, types, mask = (batch[k].copy() for k in ("input_ids", "mm_token_type_ids", "attention_mask"))
+  b, t = np.argwhere(types == 1)[0]
+  ids[b, 1:t + 1], types[b, 1:t + 1], mask[b, 1:t + 1] = ids[b, :t], types[b, :t], mask[b, :t]
+  ids[b, 0], types[b, 0], mask[b, 0] = 0, 0, 0
+  batch.update(input_ids=ids, mm_token_type_ids=types, attention_mask=mask)
+  with pytest.raises(ValueError, match="grid"):
+    forward(base["model"], **batch)
