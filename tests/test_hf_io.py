@@ -225,15 +225,11 @@ def test_error_unexpected_key(ckpts, tmp_path):
   assert "model.safetensors" in str(info.value)
 
 
-_BUG_SHAPE = pytest.mark.xfail(strict=True, reason="load_hf reshapes before it compares shapes, and compares only "
-                               "the first layer's tensor: a raw numpy error names neither file nor key")
-
-
 @pytest.mark.parametrize("key,shape", [
     ("model.layers.0.input_layernorm.weight", (65,)),  # maps through unchanged
-    pytest.param("model.layers.0.self_attn.k_proj.weight", (48, 64), marks=_BUG_SHAPE),  # [K*H, D] = [32, 64]
-    pytest.param("model.layers.1.mlp.up_proj.weight", (100, 64), marks=_BUG_SHAPE),  # [F, D]; not the first layer
-    pytest.param("visual.blocks.1.attn.qkv.weight", (96, 30), marks=_BUG_SHAPE),  # [3E, E] = [96, 32]
+    ("model.layers.0.self_attn.k_proj.weight", (48, 64)),  # [K*H, D] = [32, 64]: does not split into heads
+    ("model.layers.1.mlp.up_proj.weight", (100, 64)),  # [F, D] = [128, 64], in a layer other than the first
+    ("visual.blocks.1.attn.qkv.weight", (96, 30)),  # [3E, E] = [96, 32]
 ])
 def test_error_shape_mismatch(ckpts, tmp_path, key, shape):
   path = _copy(ckpts["single"], tmp_path)

@@ -135,12 +135,7 @@ def test_to_hf_round_trip_through_transformers(name):
   assert ModelConfig.from_hf(as_dict) == cfg
 
 
-_BUG_TIE = pytest.mark.xfail(strict=True, reason="from_hf ignores text_config.tie_word_embeddings when the top level "
-                             "says False; transformers ties when either level says True (see the model bug notes)")
-
-
-@pytest.mark.parametrize("top,text", [(None, True), (True, None), pytest.param(False, True, marks=_BUG_TIE),
-                                      (True, False), (None, None)])
+@pytest.mark.parametrize("top,text", [(None, True), (True, None), (False, True), (True, False), (None, None)])
 def test_tie_word_embeddings_read_like_transformers(top, text):
   # Pre-v5 saves put tie_word_embeddings in text_config; transformers ties when either level says so.
   raw = tiny().to_hf()
@@ -154,13 +149,7 @@ def test_tie_word_embeddings_read_like_transformers(top, text):
   assert ModelConfig.from_hf(raw).text.tie_word_embeddings == hf.tie_word_embeddings
 
 
-_BUG_DEFAULT = pytest.mark.xfail(strict=True, reason="from_hf's default for a missing key differs from "
-                                 "transformers' (rms_norm_eps 1e-6 vs 1e-5; fullatt_block_indexes () vs (7, 15, 23, 31))")
-
-
-@pytest.mark.parametrize("drop", [pytest.param("rms_norm_eps", marks=_BUG_DEFAULT),
-                                  pytest.param("vision.fullatt_block_indexes", marks=_BUG_DEFAULT),
-                                  "vision.window_size", "rope_theta"])
+@pytest.mark.parametrize("drop", ["rms_norm_eps", "vision.fullatt_block_indexes", "vision.window_size", "rope_theta"])
 def test_missing_keys_default_like_transformers(drop):
   # A config.json without a key means transformers' default; reading it otherwise changes the computation.
   raw = copy.deepcopy(FLAT_7B)
