@@ -19,6 +19,7 @@ Prints one JSON line.
 import argparse
 import io
 import json
+import logging
 import os
 import time
 
@@ -105,6 +106,9 @@ def main():
 
   from jaxvg.data import processing
   from jaxvg.data.tokenizer import load_tokenizer
+
+  # Qwen's default max_pixels would allow larger images than a record's patch share; the 512x512 records all fit.
+  logging.getLogger("jaxvg.data.pipeline").setLevel(logging.ERROR)
 
   tokenizer = load_tokenizer()
   records = make_records(args.records)

@@ -156,3 +156,5 @@ def test_check_record_reasons_directly():
       processing.check_record(record)
     assert e.value.reason == reason
   assert processing.check_record({"problem": "x", "answer": 7})[1] == "7"  # numeric answers become text
+  single = png_bytes(random_image(8, 8))
+  assert processing.check_record({"problem": "<image>x", "answer": "1", "images": single})[2] == [single]

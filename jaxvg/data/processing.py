@@ -58,9 +58,11 @@ class PromptConfig:
     prompt_format: a `jaxvg.prompts` format (or its name): system turn, user template, assistant prefill (ViGOS
       prefills "<description>"). A record's own "system" replaces the format's.
     min_pixels, max_pixels: the image processor's pixel budget per image (Qwen2.5-VL's defaults).
-    max_prompt_tokens: longer prompts (after pad expansion) are rejected as "prompt_too_long".
+    max_prompt_tokens: longer prompts (after pad expansion) are rejected as "prompt_too_long" (the pipeline lowers it
+      to its largest length bucket).
     max_images: records with more images are rejected as "too_many_images".
-    max_patches: records with more vision patches in all are rejected as "too_many_patches" (None: no limit).
+    max_patches: records with more vision patches in all are rejected as "too_many_patches" (None: no limit; the
+      pipeline sets max(patch_buckets) // batch_size).
     counterfactuals: which of COUNTERFACTUALS to build next to the real prompt.
   """
 
@@ -182,7 +184,13 @@ def check_record(record) -> tuple[str, str, list, str | None]:
     for token in RESERVED_TEXT:
       if token in text:
         raise RecordError("special_token_in_text", f"{token} in the prompt text")
-  images = list(record.get("images") or [])
+  images = record.get("images")
+  if images is None:
+    images = []
+  elif isinstance(images, (bytes, bytearray, str, os.PathLike, dict, Image.Image)):
+    images = [images]  # a single image given without a list
+  else:
+    images = list(images)
   n = problem.count(IMAGE_PLACEHOLDER)
   if n != len(images):
     raise RecordError("placeholder_mismatch", f"{n} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
