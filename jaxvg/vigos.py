@@ -9,7 +9,8 @@ is prefilled in the prompt). On the student's completion grid [B, T]:
   reference teacher  q_ref (privileged, full fmt) reverse KL(p_S || q_ref) on every token of an invalid rollout
 
   L = 1.0 L_perc + 1.0 L_rea + 2.0 L_ref,  each a token mean normalized by the step's global active-token count,
-  per-token KL clamped at 0.05 after the vocabulary sum (tokens above the clamp get zero gradient).
+  per-token KL clamped at 0.05 after the vocabulary sum (tokens above the clamp get zero gradient). The released
+  code's extra 0.05 clip on the last description and first reasoning token is implied by this clamp.
 
 Following the released code, the reasoning teacher's sequence is its privileged prompt plus only the student's
 reasoning+answer tokens; the caller builds it from `reasoning_start_B` / `reasoning_end_B` and scatters its
@@ -189,7 +190,8 @@ def describe_reason_spans(
   # Brace depth relative to the start of \boxed{: cum_BT[t] = depth before token t.
   brace_delta_V, brace_min_V = jnp.asarray(brace_delta_V, jnp.int32), jnp.asarray(brace_min_V, jnp.int32)
   if brace_delta_V.shape != brace_min_V.shape or brace_delta_V.ndim != 1:
-    raise ValueError(f"brace_delta_V {brace_delta_V.shape} and brace_min_V {brace_min_V.shape} must be equal [V] tables")
+    raise ValueError(f"brace_delta_V {brace_delta_V.shape} and brace_min_V {brace_min_V.shape} must be equal [V] "
+                     "tables")
   safe_ids_BT = jnp.clip(ids_BT, 0, brace_delta_V.shape[0] - 1)
   delta_BT = jnp.where(mask_BT, brace_delta_V[safe_ids_BT], 0)
   min_BT = jnp.where(mask_BT, jnp.minimum(brace_min_V[safe_ids_BT], 0), 0)

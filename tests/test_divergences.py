@@ -100,7 +100,7 @@ def test_kl_with_masked_vocabulary_entries_has_no_nan():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Gradients wrt the student logits z, q = softmax(z) the student, p the teacher (fixed). d q_k / d z_j = q_k(d_kj - q_j).
+# Gradients wrt the student logits z: q = softmax(z) the student, p the teacher (fixed); dq_k/dz_j = q_k(d_kj - q_j).
 
 
 def test_grad_forward_kl_wrt_student_logits():

@@ -1,7 +1,5 @@
 """ViGOS: spans and validity on hand-written completions, the loss against a naive reference, global normalization."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,7 +222,8 @@ def test_gradients_flow_to_the_student_only_and_match_the_forward_kl_formula():
   # Description token (0, 0): d/dz KL(q_img || p_S) / N_perc = (p_S - q_img) / N_perc  (N_perc = 2 + 3 = 5).
   p_s, q_img = jax.nn.softmax(zs[0][0, 0]), jax.nn.softmax(zs[1][0, 0])
   np.testing.assert_allclose(grads[0][0, 0], (p_s - q_img) / 5.0, atol=1e-7)
-  # Reference token (1, 0): 2 * d/dz KL(p_S || q_ref) / N_ref = 2 p_S (log p_S - log q_ref - KL) / N_ref, N_ref = 12 + 2.
+  # Reference token (1, 0): 2 * d/dz KL(p_S || q_ref) / N_ref = 2 p_S (log p_S - log q_ref - KL) / N_ref,
+  # N_ref = 12 + 2.
   lp_s, lq = jax.nn.log_softmax(zs[0][1, 0]), jax.nn.log_softmax(zs[3][1, 0])
   want = 2.0 * jnp.exp(lp_s) * (lp_s - lq - dv.kl(lp_s, lq)) / 14.0
   np.testing.assert_allclose(grads[0][1, 0], want, atol=1e-7)
