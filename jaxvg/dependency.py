@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvg import scoring
+from jaxvg import divergences, scoring
 
 COUNTERFACTUALS = ("mask_visual", "no_image", "white_image", "image_only")
 
@@ -66,11 +66,10 @@ def dual_logps(model, prompt: scoring.PromptInputs, counterfactual: scoring.Prom
 def full_kl(model, prompt: scoring.PromptInputs, counterfactual: scoring.PromptInputs, tokens_NT, mask_NT,
             group_size: int, *, chunk: int = 256):
   """Exact per-token KL(pi(. | real) || pi(. | counterfactual)) [N, T] over the full vocabulary, chunked along T."""
-  from jaxvg.divergences import chunked_divergence  # the chunked full-vocabulary machinery lives there
   h_real, _ = scoring.completion_hidden(model, prompt, tokens_NT, mask_NT, group_size)
   h_cf, _ = scoring.completion_hidden(model, counterfactual, tokens_NT, mask_NT, group_size)
   w_DV = model.decoder.head_weight_DV()
-  kl_NT = chunked_divergence(h_real, w_DV, h_cf, w_DV, kind="kl", chunk=chunk)
+  kl_NT = divergences.chunked_kl(divergences.Logits(h_real, w_DV), divergences.Logits(h_cf, w_DV), chunk_size=chunk)
   return jax.lax.stop_gradient(kl_NT * mask_NT)
 
 

@@ -66,3 +66,18 @@ def test_guard_fires_after_patience_steps_only():
   assert not guard.update(0.5)  # a healthy step resets the count
   assert not guard.update(1e-5)
   assert guard.update(1e-6)
+
+
+def test_full_kl_equals_explicit_vocabulary_sum():
+  cfg, model, prompt, _, tokens, comp_mask = _batch(2)
+  compact = dependency.compact_visual_prompt(prompt.input_ids_BT, prompt.attention_mask_BT, prompt.positions_3BT,
+                                             prompt.next_position_B, image_token_id=cfg.image_token_id)
+  got = dependency.full_kl(model, prompt, compact, tokens, comp_mask, G, chunk=4)
+  w = model.decoder.head_weight_DV()
+  h_real, _ = scoring.completion_hidden(model, prompt, tokens, comp_mask, G)
+  h_cf, _ = scoring.completion_hidden(model, compact, tokens, comp_mask, G)
+  lp = np.asarray(jax.nn.log_softmax(np.einsum("ntd,dv->ntv", h_real, w), -1), np.float64)
+  lq = np.asarray(jax.nn.log_softmax(np.einsum("ntd,dv->ntv", h_cf, w), -1), np.float64)
+  want = (np.exp(lp) * (lp - lq)).sum(-1) * np.asarray(comp_mask)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert want.max() > 1e-4  # the image matters to this random model, so the comparison is not vacuous

@@ -1,0 +1,88 @@
+"""Config overrides (errors name the key) and the optimizer's per-tower rules and non-finite guard."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxvg import config_lib, experiment, optim
+from jaxvg.models import Qwen25VL, tiny
+
+
+def test_override_parses_by_declared_type():
+  cfg = experiment.Config()
+  cfg = config_lib.apply_overrides(cfg, ["rollout.group_size=4", "optim.lr=3e-4", "algo.dynamic_sampling=false",
+                                         "model.hf_path=none", "data.length_buckets=64,128", "optim.clip_norm=None"])
+  assert cfg.rollout.group_size == 4 and cfg.optim.lr == 3e-4 and cfg.algo.dynamic_sampling is False
+  assert cfg.model.hf_path is None and cfg.data.length_buckets == (64, 128) and cfg.optim.clip_norm is None
+  assert dataclasses.is_dataclass(cfg.rollout)
+
+
+@pytest.mark.parametrize("assignment,match", [
+    ("rollout.group_sz=4", "unknown key 'group_sz'"),
+    ("nosuch.x=1", "unknown key 'nosuch'"),
+    ("rollout.group_size=four", "rollout.group_size=four: expected an integer"),
+    ("algo.dynamic_sampling=maybe", "expected a boolean"),
+    ("rollout.group_size.x=1", "is not a config section"),
+    ("rollout.group_size", "expected key=value"),
+])
+def test_override_errors_name_the_problem(assignment, match):
+  with pytest.raises((KeyError, ValueError), match=match):
+    config_lib.override(experiment.Config(), assignment)
+
+
+def _params():
+  model = Qwen25VL(tiny(vocab_size=64), rngs=nnx.Rngs(0))
+  return nnx.state(model, nnx.Param)
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_freeze_vision_and_merger_multiplier():
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  for cfg, frozen, doubled in [
+      (optim.OptimConfig(lr=0.1, weight_decay=0.0, clip_norm=None, freeze_vision=True), "vision/", None),
+      (optim.OptimConfig(lr=0.1, weight_decay=0.0, clip_norm=None, merger_lr_mult=2.0), None, "vision/merger_"),
+  ]:
+    tx = optim.make_optimizer(cfg, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for name, u in _flat(updates).items():
+      u = np.asarray(u)
+      if frozen and name.startswith(frozen):
+        assert np.all(u == 0), name
+      elif doubled and name.startswith(doubled):
+        # Adam's first step moves every coordinate by lr * mult (grad / sqrt(grad^2) = 1).
+        np.testing.assert_allclose(u, -0.2, rtol=1e-4, err_msg=name)
+      else:
+        np.testing.assert_allclose(u, -0.1, rtol=1e-4, err_msg=name)
+
+
+def test_non_finite_gradient_skips_the_update():
+  params = _params()
+  tx = optim.make_optimizer(optim.OptimConfig(lr=0.1), params)
+  state = tx.init(params)
+  bad = jax.tree.map(jnp.ones_like, params)
+  leaves, treedef = jax.tree.flatten(bad)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+  new_params, new_state, skipped = optim.guarded_update(tx, jax.tree.unflatten(treedef, leaves), state, params)
+  assert bool(skipped)
+  for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  good = jax.tree.map(jnp.ones_like, params)
+  moved, _, skipped = optim.guarded_update(tx, good, state, params)
+  assert not bool(skipped)
+  assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(params)))
+
+
+def test_unknown_schedule_is_an_error():
+  with pytest.raises(ValueError, match="optim.schedule='warmup-cosine'"):
+    optim.schedule(optim.OptimConfig(schedule="warmup-cosine"))
