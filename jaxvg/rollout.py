@@ -117,6 +117,13 @@ def sampling_logits(logits_BV: Float[Array, "B V"], *, temperature: float, top_p
   return z_BV
 
 
+def token_logp(logits_BV: Float[Array, "B V"], tokens_B: Int[Array, " B"]) -> Float[Array, " B"]:
+  """log_softmax(logits)[token] in float32, without materializing the [B, V] log-softmax."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  picked_B = jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1)[:, 0]
+  return picked_B - jax.nn.logsumexp(logits_BV, axis=-1)
+
+
 def select_tokens(logits_BV: Float[Array, "B V"], keys_B, *, temperature: float, top_p: float,
                   top_k: int) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
   """Draws one token per row from `sampling_logits` (Gumbel-max with the row's key); greedy when temperature == 0.
@@ -128,8 +135,7 @@ def select_tokens(logits_BV: Float[Array, "B V"], keys_B, *, temperature: float,
   z_BV = sampling_logits(logits_BV, temperature=temperature, top_p=top_p, top_k=top_k)
   gumbel_BV = jax.vmap(lambda k: jax.random.gumbel(k, z_BV.shape[-1:], jnp.float32))(keys_B)
   tokens_B = jnp.argmax(z_BV + gumbel_BV, axis=-1).astype(jnp.int32)
-  logq_BV = jax.nn.log_softmax(z_BV, axis=-1)
-  return tokens_B, jnp.take_along_axis(logq_BV, tokens_B[:, None], axis=-1)[:, 0]
+  return tokens_B, token_logp(z_BV, tokens_B)
 
 
 def row_keys(key, num_rows: int, step):
@@ -198,8 +204,7 @@ def decode(graphdef, params, cache: KVCache, prefix: Prefix, key, *, config: Sam
     n, cache, logits_BV, done_B, (tokens_BT, mask_BT, logp_BT, slogp_BT) = carry
     tok_B, slogp_B = select_tokens(logits_BV, row_keys(key, BG, n), temperature=cfg.temperature, top_p=cfg.top_p,
                                    top_k=cfg.top_k)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1), tok_B[:, None],
-                                 axis=-1)[:, 0]
+    logp_B = token_logp(logits_BV, tok_B)
     live_B = ~done_B
     tok_B = jnp.where(live_B, tok_B, cfg.pad_token_id)
     put = lambda buf, col: _constrain(jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, n)),
