@@ -3,36 +3,78 @@
   none   the group advantage on every token (GRPO / DAPO / Dr.GRPO / GSPO).
   pgpo   the counterfactual pass (mask_visual by default) -> k3 token dependency -> threshold-gated,
          mass-conserving token weights -> A_i * w_t (methods.md section 2).
+  pacr   reasoning steps on the token ids -> the K + 1 answer-forcing confidences c_k from ONE tree-masked pass
+         (`confidence`) -> returns G_k = sum_{m >= k} gamma^(m-k) (c_m - c_{m-1}) -> one min-max over all steps of
+         the batch -> A_total = lambda_O A_O + lambda_P A_P on every token of step k (methods.md sections 3 and 8).
+  pdcr   PACR plus the step visual dependence V_k = sum_{t in step k} log pi(o_t | I) - log pi(o_t | I_white) from
+         the counterfactual pass (white_image by default in the PDCR configs), an Otsu split of V over the batch's
+         steps, and the min-max inside each cluster.
 
-`make_credit_fn` returns `fn(state, minibatch, logp_real_NT, adv_NT) -> (adv_NT, metrics, dependency maps)`. In PGPO
-the image-conditioned log-probs are the old-policy scores the step computes anyway, so the dependency costs one
-compacted text-only forward.
+`make_credit_fn` returns `fn(state, minibatch, logp_real_NT, adv_NT) -> (adv_NT, metrics, dependency maps)`. The
+minibatch has `.prompts` (a data PromptBatch), `.tokens_NT` and `.mask_NT`; PACR and PDCR also read `.answers`, the
+B ground-truth answers of the prompts (Y_gt of the suffix). `adv_NT` carries the outcome (group) advantage A_O on
+each response token; the image-conditioned log-probs are the old-policy scores the step computes anyway, so PGPO
+costs one compacted text-only forward, PACR one tree-masked forward, PDCR both a tree-masked and a white-image one.
 """
+
+import dataclasses
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jaxvg import pgpo, update
+from jaxvg import confidence, pdcr, pgpo, scoring, steps, update
+from jaxvg.data.tokenizer import special_token_ids
 from jaxvg.dependency import COUNTERFACTUALS, DependencyGuard  # noqa: F401  (re-exported for the train script)
 from jaxvg.experiment import CreditCfg
+from jaxvg.prompts import PromptFormat
 from jaxvg.scoring import PromptInputs
 
-METHODS = ("none", "pgpo")
+METHODS = ("none", "pgpo", "pacr", "pdcr")
+BLANK_TOKENS = ("<|im_end|>", "<|endoftext|>")  # never open a step: "answer\n\n<|im_end|>" keeps EOS in the last one
+log = logging.getLogger("jaxvg")
 
 
 def counterfactuals_needed(cfg: CreditCfg) -> tuple[str, ...]:
+  """The counterfactual prompt variants the data pipeline must build for `cfg.method` (validates the config)."""
   if cfg.method not in METHODS:
     raise ValueError(f"credit.method={cfg.method!r}: choose one of {METHODS}")
   if cfg.counterfactual not in COUNTERFACTUALS:
     raise ValueError(f"credit.counterfactual={cfg.counterfactual!r}: choose one of {COUNTERFACTUALS}")
-  return () if cfg.method == "none" else (cfg.counterfactual,)
+  if cfg.max_steps < 1:
+    raise ValueError(f"credit.max_steps={cfg.max_steps}: need at least one step slot")
+  return (cfg.counterfactual,) if cfg.method in ("pgpo", "pdcr") else ()
 
 
 def as_prompt_inputs(p) -> PromptInputs:
   """The fields of a data-pipeline PromptBatch that a scoring pass reads."""
   return PromptInputs(jnp.asarray(p.input_ids_BT), jnp.asarray(p.attention_mask_BT), jnp.asarray(p.positions_3BT),
                       jnp.asarray(p.next_position_B, jnp.int32), p.vision)
+
+
+def counterfactual_inputs(p, mode: str) -> PromptInputs:
+  if mode not in p.counterfactuals:
+    raise ValueError(f"the prompt batch has no {mode!r} variant (it has {sorted(p.counterfactuals)}): build the data "
+                     f"with counterfactuals=credit.counterfactuals_needed(cfg.credit)")
+  return as_prompt_inputs(p.counterfactuals[mode])
+
+
+def outcome_advantages(adv_NT, mask_NT) -> jax.Array:
+  """A_O per row [N]: the mean of the broadcast group advantage over the row's response tokens (0 for empty rows)."""
+  mask_NT = jnp.asarray(mask_NT, jnp.float32)
+  return jnp.sum(jnp.asarray(adv_NT, jnp.float32) * mask_NT, axis=1) / jnp.maximum(jnp.sum(mask_NT, axis=1), 1.0)
+
+
+def step_tables(tokenizer, vocab_size: int) -> steps.StepTables:
+  """Step tables over the model's vocabulary; ids past the tokenizer decode to "" (blank), EOS ids are blank."""
+  n = min(len(tokenizer), vocab_size)
+  texts = tokenizer.batch_decode([[i] for i in range(n)]) + [""] * (vocab_size - n)
+  special = special_token_ids(tokenizer)
+  blank = [special[t] for t in BLANK_TOKENS if t in special and special[t] < vocab_size]
+  return steps.build_step_tables(lambda i: texts[i], vocab_size, blank_ids=blank)
 
 
 def dependency_metrics(score_NT, mask_NT, has_image_N) -> dict[str, float]:
@@ -47,11 +89,125 @@ def dependency_metrics(score_NT, mask_NT, has_image_N) -> dict[str, float]:
   }
 
 
-def make_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int):
-  counterfactuals_needed(cfg)
-  if cfg.method == "none":
-    return lambda state, mb, logp_real, adv_NT: (adv_NT, {}, None)
+# ------------------------------------------------------------------------------------------------------ PACR / PDCR
 
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepCredit:
+  advantages: pdcr.StepAdvantages  # adv_BT is A_total on every token of its step
+  segments: steps.StepSegments
+  c_NK1: jax.Array  # float32 [N, C + 1]: c_0..c_C (0 past K_n)
+
+
+def step_credit(model, prompt: PromptInputs, counterfactual: PromptInputs | None, tokens_NT, mask_NT, logp_real_NT,
+                adv_o_N, suffix: confidence.AnswerSuffix, tables: tuple, *, group_size: int, max_steps: int,
+                cfg: pdcr.PDCRConfig) -> StepCredit:
+  """The device side of PACR (counterfactual None) and PDCR: segment, confidences in one pass, step advantages.
+
+  Args:
+    model: the (old) policy.
+    prompt, counterfactual: the real prompts and, for PDCR, the counterfactual ones (white image).
+    tokens_NT, mask_NT: the completions; logp_real_NT: their log-probs with the real image (old policy).
+    adv_o_N: the outcome advantage A_O of each row.
+    suffix: the answer-forcing suffixes (`confidence.answer_suffixes`).
+    tables: (is_boundary_V, is_fallback_V, is_blank_V) from `step_tables`.
+    group_size, max_steps, cfg: G, the static step slots C, and gamma / lambdas / step_score / eps.
+  """
+  mask_NT = jnp.asarray(mask_NT, bool)
+  is_boundary_V, is_fallback_V, is_blank_V = tables
+  segments = steps.segment_steps(tokens_NT, mask_NT, is_boundary_V=is_boundary_V, is_fallback_V=is_fallback_V,
+                                 is_blank_V=is_blank_V, max_steps=max_steps)
+  T0 = prompt.input_ids_BT.shape[1]
+  boundary_NK1 = steps.confidence_boundaries(jnp.full((tokens_NT.shape[0],), T0, jnp.int32), segments)
+  c_NK1 = confidence.tree_confidences(model, prompt, tokens_NT, mask_NT, group_size, boundary_NK1=boundary_NK1,
+                                      suffix=suffix)
+  if counterfactual is None:
+    adv = pdcr.pacr_advantages(adv_o_N, c_NK1, segments, cfg=cfg)
+  else:
+    logp_cf_NT = scoring.completion_logps(model, counterfactual, tokens_NT, mask_NT, group_size)
+    adv = pdcr.pdcr_advantages(adv_o_N, c_NK1, segments, logp_real_BT=jnp.where(mask_NT, logp_real_NT, 0.0),
+                               logp_white_BT=logp_cf_NT, cfg=cfg)
+  return StepCredit(advantages=adv, segments=segments, c_NK1=c_NK1)
+
+
+def _masked_stats(x) -> tuple[float, float]:
+  return (float(x.mean()), float(x.std())) if x.size else (0.0, 0.0)
+
+
+def step_metrics(method: str, out: StepCredit) -> dict[str, float]:
+  """Host-side metrics: steps per response, confidences, and per cluster its size and advantage statistics."""
+  adv = jax.device_get(out.advantages)
+  num_N = np.asarray(out.segments.num_steps_B)
+  c_NK1 = np.asarray(out.c_NK1)
+  C = adv.step_adv_BC.shape[1]
+  rows = num_N > 0
+  valid_NC = np.arange(C)[None, :] < num_N[:, None]
+  m = {
+      f"{method}/steps_per_response": float(num_N[rows].mean()) if rows.any() else 0.0,
+      f"{method}/frac_step_slots_full": float((num_N[rows] == C).mean()) if rows.any() else 0.0,
+      f"{method}/c0_mean": float(c_NK1[rows, 0].mean()) if rows.any() else 0.0,
+      f"{method}/c_final_mean": float(c_NK1[rows, num_N[rows]].mean()) if rows.any() else 0.0,
+      f"{method}/gain_mean": _masked_stats(adv.gains_BC[valid_NC])[0],
+  }
+  names = {1: "visual", 0: "textual"} if method == "pdcr" else {0: "all"}
+  for label, name in names.items():
+    sel_NC = valid_NC & (adv.cluster_BC == label)
+    m[f"{method}/{name}_steps"] = float(sel_NC.sum())
+    m[f"{method}/{name}_adv_mean"], m[f"{method}/{name}_adv_std"] = _masked_stats(adv.step_adv_BC[sel_NC])
+    m[f"{method}/{name}_process_mean"] = _masked_stats(adv.process_adv_BC[sel_NC])[0]
+  if method == "pdcr":
+    m["pdcr/threshold"] = float(adv.threshold)
+    m["pdcr/visual_frac"] = m["pdcr/visual_steps"] / max(float(valid_NC.sum()), 1.0)
+    m["pdcr/visual_dependence_mean"] = _masked_stats(adv.visual_BC[valid_NC])[0]
+  return m
+
+
+def _step_credit_params(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, logp_real_NT, adv_o_N, suffix,
+                        tables, *, group_size, max_steps, cfg):
+  return step_credit(nnx.merge(graphdef, params), prompt, counterfactual, tokens_NT, mask_NT, logp_real_NT, adv_o_N,
+                     suffix, tables, group_size=group_size, max_steps=max_steps, cfg=cfg)
+
+
+def _make_step_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, fmt: PromptFormat):
+  if fmt is None:
+    raise ValueError(f"credit.method={cfg.method!r} needs the prompt format (fmt=...) to build its answer-forcing "
+                     f"suffix")
+  if cfg.method == "pdcr" and cfg.counterfactual != "white_image":
+    log.warning("credit.method=pdcr with counterfactual=%r: PDCR's visual dependence uses white_image",
+                cfg.counterfactual)
+  pdcr_cfg = pdcr.PDCRConfig(gamma=cfg.gamma, lambda_o=cfg.lambda_o, lambda_p=cfg.lambda_p,
+                             step_score=cfg.step_score)
+  t = step_tables(tokenizer, model_cfg.text.vocab_size)
+  tables = (jnp.asarray(t.is_boundary_V), jnp.asarray(t.is_fallback_V), jnp.asarray(t.is_blank_V))
+  device_fn = jax.jit(functools.partial(_step_credit_params, group_size=group_size, max_steps=cfg.max_steps,
+                                        cfg=pdcr_cfg), static_argnums=(1,))
+
+  def credit_fn(state, mb, logp_real_NT, adv_NT):
+    if not hasattr(mb, "answers"):
+      raise ValueError(f"credit.method={cfg.method!r} reads mb.answers (the prompts' ground-truth answers)")
+    B = np.shape(mb.prompts.input_ids_BT)[0]
+    if len(mb.answers) != B:
+      raise ValueError(f"mb.answers has {len(mb.answers)} entries for {B} prompts")
+    mask_NT = jnp.asarray(mb.mask_NT)
+    cf = counterfactual_inputs(mb.prompts, cfg.counterfactual) if cfg.method == "pdcr" else None
+    suffix = confidence.answer_suffixes(tokenizer, mb.answers, fmt=fmt, group_size=group_size)
+    out = device_fn(state.params, state.graphdef, as_prompt_inputs(mb.prompts), cf, jnp.asarray(mb.tokens_NT),
+                    mask_NT, jnp.asarray(logp_real_NT), outcome_advantages(adv_NT, mask_NT), suffix, tables)
+    metrics = step_metrics(cfg.method, out)
+    dep = None
+    if cfg.method == "pdcr":
+      valid_NC = np.arange(cfg.max_steps)[None, :] < np.asarray(out.segments.num_steps_B)[:, None]
+      dep = {"step_V": np.asarray(out.advantages.visual_BC)[valid_NC]}
+    return out.advantages.adv_BT * (mask_NT > 0), metrics, dep
+
+  return credit_fn
+
+
+# -------------------------------------------------------------------------------------------------------------- PGPO
+
+
+def _make_pgpo_credit_fn(cfg: CreditCfg, group_size: int):
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
   weight_fn = jax.jit(lambda s, m: pgpo.pgpo_weights(s, m, tau=cfg.tau, beta=cfg.beta,
                                                      threshold_mode=cfg.threshold_mode,
@@ -59,7 +215,7 @@ def make_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int):
                                                      mass_normalize=cfg.mass_normalize))
 
   def pgpo_credit(state, mb, logp_real_NT, adv_NT):
-    cf = as_prompt_inputs(mb.prompts.counterfactuals[cfg.counterfactual])
+    cf = counterfactual_inputs(mb.prompts, cfg.counterfactual)
     mask_NT = jnp.asarray(mb.mask_NT)
     logp_cf_NT, _ = score(state.params, state.graphdef, cf, jnp.asarray(mb.tokens_NT), mask_NT, group_size)
     dep_NT = pgpo.k3_dependency(logp_real_NT, logp_cf_NT, mask_NT)
@@ -73,3 +229,13 @@ def make_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int):
     return pgpo.pgpo_advantages(adv_NT, w_NT), m, {"token_k3": dep}
 
   return pgpo_credit
+
+
+def make_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, *, fmt: PromptFormat | None = None):
+  """The credit function of `cfg.method` (see the module docstring); PACR / PDCR need the prompt format `fmt`."""
+  counterfactuals_needed(cfg)
+  if cfg.method == "none":
+    return lambda state, mb, logp_real, adv_NT: (adv_NT, {}, None)
+  if cfg.method == "pgpo":
+    return _make_pgpo_credit_fn(cfg, group_size)
+  return _make_step_credit_fn(cfg, model_cfg, tokenizer, group_size, fmt)
