@@ -12,9 +12,9 @@ from jaxvg.optim import OptimConfig
 
 def get_config() -> Config:
   return Config(
-      model=ModelCfg(preset="tiny", tiny_width=128, tiny_layers=4, seed=0),
+      model=ModelCfg(preset="tiny", tiny_width=128, tiny_layers=4, tiny_heads=2, tiny_vision_width=64, seed=0),
       data=DataCfg(source="synthetic", prompt_format="pgpo", num_train=20000, num_eval=64, image_size=112,
-                   prompts_per_batch=8, max_pixels=112 * 112, length_buckets=(128, 256),
+                   prompts_per_batch=8, max_pixels=112 * 112, length_buckets=(96, 128, 256),
                    patch_buckets=(256, 512, 1024)),
       rollout=RolloutCfg(group_size=8, max_new_tokens=96, temperature=1.0),
       algo=AlgoCfg(name="dapo", advantage="grpo", dynamic_sampling=True, ds_max_tries=3),

@@ -31,11 +31,12 @@ def model_config_for(cfg: ModelCfg, tokenizer) -> ModelConfig:
   vocab = len(tokenizer)
   if cfg.preset == "tiny":
     base = model_config.tiny(vocab_size=vocab)
-    heads = max(cfg.tiny_width // 16, 1)
+    heads = cfg.tiny_heads
     text = dataclasses.replace(base.text, hidden_size=cfg.tiny_width, intermediate_size=2 * cfg.tiny_width,
                                num_layers=cfg.tiny_layers, num_heads=heads, num_kv_heads=max(heads // 2, 1),
                                mrope_section=_mrope_section(cfg.tiny_width // heads))
-    vision = dataclasses.replace(base.vision, out_hidden_size=cfg.tiny_width)
+    vision = dataclasses.replace(base.vision, out_hidden_size=cfg.tiny_width, hidden_size=cfg.tiny_vision_width,
+                                 intermediate_size=2 * cfg.tiny_vision_width)
     base = dataclasses.replace(base, text=text, vision=vision)
   elif cfg.preset in PRESETS:
     base = PRESETS[cfg.preset]

@@ -14,6 +14,8 @@ class ModelCfg:
   preset: str = "tiny"             # tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | qwen2.5-vl-32b | qwen2.5-vl-72b
   tiny_width: int = 64             # the tiny preset's decoder width D
   tiny_layers: int = 2
+  tiny_heads: int = 4              # query heads (kv heads: half of them)
+  tiny_vision_width: int = 32      # the tiny preset's vision width E
   dtype: str = "float32"           # compute dtype
   param_dtype: str = "float32"     # master weights
   remat: bool = False

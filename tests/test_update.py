@@ -34,15 +34,17 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
   graphdef, params = nnx.split(model, nnx.Param)
   loss_cfg = losses.preset("dapo")  # token-mean: the normalizer is the token count of the whole mini-batch
   p1 = _prompt(cfg, [(56, 56)], [1], 1)
-  p2 = _prompt(cfg, [(56, 112)], [1], 2)
+  p2 = _prompt(cfg, [(56, 56)], [1], 2)  # same shapes as p1: one compiled gradient serves both
   b1, b2 = _batch(cfg, p1, 1), _batch(cfg, p2, 2)
   # Old log-probs = current ones, so the ratio is 1 and the loss is -sum(adv * logp-gradient) / tokens.
-  score = lambda b: update.score_fn(params, graphdef, b.prompt, b.tokens_NT, b.mask_NT, G)[0]
+  score_jit = jax.jit(update.score_fn, static_argnums=(1, 5))
+  score = lambda b: score_jit(params, graphdef, b.prompt, b.tokens_NT, b.mask_NT, G)[0]
   b1 = b1.__class__(**{**b1.__dict__, "logp_old_NT": score(b1)})
   b2 = b2.__class__(**{**b2.__dict__, "logp_old_NT": score(b2)})
   w1, w2 = update.micro_weights([b1.mask_NT, b2.mask_NT], loss_cfg.aggregation)
-  grad = lambda b, w: jax.grad(update.policy_loss_fn, has_aux=True)(
-      params, graphdef, b.__class__(**{**b.__dict__, "weight": jnp.asarray(w)}), G, loss_cfg)[0]
+  grad_jit = jax.jit(jax.grad(update.policy_loss_fn, has_aux=True), static_argnums=(1, 3, 4))
+  grad = lambda b, w: grad_jit(params, graphdef, b.__class__(**{**b.__dict__, "weight": jnp.asarray(w)}), G,
+                               loss_cfg)[0]
   acc = jax.tree.map(jnp.add, grad(b1, w1), grad(b2, w2))
 
   # Reference: the token-mean surrogate over both batches at once, written directly from its definition.
@@ -55,7 +57,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
       num += jnp.sum(-b.adv_NT * ratio * b.mask_NT)
       den += jnp.sum(b.mask_NT)
     return num / den
-  ref = jax.grad(full)(params)
+  ref = jax.jit(jax.grad(full))(params)
   for a, r in zip(jax.tree.leaves(acc), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, r, atol=1e-6, rtol=1e-4)
 
@@ -67,19 +69,18 @@ def test_repeated_updates_overfit_one_batch():
   state = update.init_state(model, tx)
   prompt = _prompt(cfg, [(56, 56), (56, 112)], [1, 1], 3)
   batch = _batch(cfg, prompt, 3)
-  rng = np.random.default_rng(3)
   # Positive advantages everywhere: the loss is minimized by raising the log-probs of these tokens.
   batch = batch.__class__(**{**batch.__dict__, "adv_NT": jnp.asarray(batch.mask_NT, jnp.float32)})
   loss_cfg = losses.preset("grpo", clip_high=1e9)  # no clipping: a plain likelihood-raising objective
   step = jax.jit(lambda s, b: update.policy_step(s, (b,), tx=tx, group_size=G, loss_cfg=loss_cfg))
-  logp0 = update.score_fn(state.params, state.graphdef, prompt, batch.tokens_NT, batch.mask_NT, G)[0]
+  score = jax.jit(update.score_fn, static_argnums=(1, 5))
+  logp0 = score(state.params, state.graphdef, prompt, batch.tokens_NT, batch.mask_NT, G)[0]
   for _ in range(15):
-    batch = batch.__class__(**{**batch.__dict__, "logp_old_NT": update.score_fn(
+    batch = batch.__class__(**{**batch.__dict__, "logp_old_NT": score(
         state.params, state.graphdef, prompt, batch.tokens_NT, batch.mask_NT, G)[0]})
     state, metrics = step(state, batch)
-  logp1 = update.score_fn(state.params, state.graphdef, prompt, batch.tokens_NT, batch.mask_NT, G)[0]
+  logp1 = score(state.params, state.graphdef, prompt, batch.tokens_NT, batch.mask_NT, G)[0]
   mask = np.asarray(batch.mask_NT) > 0
   before, after = np.asarray(logp0)[mask].mean(), np.asarray(logp1)[mask].mean()
   assert after > before + 1.0, (before, after)  # log-likelihood of the batch rose by more than one nat per token
   assert int(state.step) == 15 and int(state.skipped) == 0
-  del rng
