@@ -1,9 +1,42 @@
-"""Parameter checkpoints with orbax (the full training-state manager with resume is built on the same calls)."""
+"""Checkpoints with orbax: parameters alone, and the full training state with resume.
 
+  ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=3)
+  stop = install_sigterm_handler()
+  if ckpt.latest_step() is not None:
+    state, key, data_state, step = ckpt.restore(None, sharding.with_shardings(abstract, shardings))
+    data_iter.set_state(data_state)
+  for step in range(step + 1, steps):
+    ...
+    ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=cfg)   # async
+    if should_stop(stop):            # SIGTERM (preemption, maintenance): save, then leave
+      ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=cfg, force=True)
+      break
+  ckpt.close()                       # waits for the last write
+
+A step directory holds five items: `params` (the parameter tree), `train` (the rest of the TrainState: optimizer
+state, step counters), `data` (the grain iterator state, JSON), `config` (JSON) and `meta` (step, RNG key data,
+JSON). Orbax writes each step in a temporary directory and renames it when complete, so a save cut short never
+shows up as a step. A step that exists but does not read back (a file deleted or truncated) is moved aside to
+`<step>.unreadable`, logged, and the previous step is restored instead.
+
+Restoring onto another mesh is a restore with other shardings: the target's ShapeDtypeStructs carry them, and each
+device reads only its slices.
+"""
+
+import dataclasses
+import logging
 import os
+import signal
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("jaxvg")
+
+
+# ---------------------------------------------------------------------------------------------- parameters alone
 
 
 def save_params(path: str, graphdef, params):
@@ -22,3 +55,213 @@ def restore_params(path: str, like):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path, abstract)
+
+
+# ------------------------------------------------------------------------------------------------ training state
+
+
+class Restored(NamedTuple):
+  state: Any           # the TrainState, in the target's shardings
+  rng: jax.Array       # the PRNG key as saved (typed keys come back typed)
+  data_state: Any      # the grain iterator state (None when none was saved)
+  step: int            # the step restored (older than asked for when the newer ones were unreadable)
+
+
+def _rng_to_json(rng) -> dict | None:
+  if rng is None:
+    return None
+  rng = jax.device_get(rng)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    impl = str(jax.random.key_impl(rng))
+    data = np.asarray(jax.random.key_data(rng))
+  else:
+    impl, data = None, np.asarray(rng)
+  return {"impl": impl, "dtype": str(data.dtype), "shape": list(data.shape), "data": data.ravel().tolist()}
+
+
+def _rng_from_json(blob: dict | None):
+  if blob is None:
+    return None
+  data = np.asarray(blob["data"], dtype=blob["dtype"]).reshape(blob["shape"])
+  if blob["impl"] is None:
+    return jax.numpy.asarray(data)
+  return jax.random.wrap_key_data(data, impl=blob["impl"])
+
+
+def _config_to_json(config) -> dict:
+  if config is None:
+    return {}
+  if dataclasses.is_dataclass(config) and not isinstance(config, type):
+    return dataclasses.asdict(config)
+  if isinstance(config, dict):
+    return config
+  raise ValueError(f"config must be a dataclass instance, a dict or None, not {type(config).__name__}")
+
+
+def _split_state(state):
+  """(params, the rest): a state with a `params` field (TrainState) is stored as two items."""
+  if not hasattr(state, "params") or not hasattr(state, "replace"):
+    raise ValueError(f"the state must be a TrainState-like dataclass with `params` and `replace`, not "
+                     f"{type(state).__name__}")
+  return state.params, state.replace(params=None)
+
+
+class Checkpointer:
+  """An orbax CheckpointManager over step directories, writing asynchronously (see the module docstring)."""
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                           enable_async_checkpointing=async_save, read_only=read_only,
+                                           create=not read_only)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("params", "train", "data", "config", "meta"))
+
+  # -- writing
+
+  def save(self, step: int, state, *, rng=None, data_state=None, config=None, force: bool = False) -> bool:
+    """Starts writing `step` in the background; returns whether a save was started (the interval may skip it)."""
+    params, rest = _split_state(state)
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        train=ocp.args.StandardSave(rest),
+        data=ocp.args.JsonSave({"state": data_state}),
+        config=ocp.args.JsonSave(_config_to_json(config)),
+        meta=ocp.args.JsonSave({"step": int(step), "rng": _rng_to_json(rng)}),
+    )
+    return self._manager.save(int(step), args=args, force=force)
+
+  def wait(self):
+    """Blocks until the background write of the last save is complete."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # -- reading
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest completely written step (it may still turn out unreadable: `restore` then falls back)."""
+    self._manager.reload()
+    return self._manager.latest_step()
+
+  def restore(self, step: int | None, abstract_state) -> Restored:
+    """Reads a step into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs or arrays).
+
+    `step=None` takes the newest readable step, falling back past unreadable ones (moved aside, logged); an
+    explicit unreadable step raises.
+    """
+    self._manager.reload()
+    steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    for s in steps:
+      try:
+        return self._restore(s, abstract_state)
+      except Exception as e:  # orbax, tensorstore and JSON errors all mean: this step does not read back
+        if step is not None:
+          raise
+        log.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step", s,
+                    self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        self._set_aside(s)
+    raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
+
+  def restore_params(self, step: int | None, abstract_params):
+    """Only the parameters of `step` (default: the newest readable one)."""
+    self._manager.reload()
+    steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+    for s in steps:
+      try:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+        return self._manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+      except Exception as e:
+        if step is not None:
+          raise
+        log.warning("checkpoint step %d in %s: parameters unreadable (%s); trying an older step", s, self.directory,
+                    type(e).__name__)
+    raise FileNotFoundError(f"no readable checkpoint in {self.directory}")
+
+  def config(self, step: int) -> dict:
+    """The config saved with `step`, as a dict."""
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def _restore(self, step: int, abstract_state) -> Restored:
+    params, rest = _split_state(abstract_state)
+    to_abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(to_abstract(params)),
+        train=ocp.args.StandardRestore(to_abstract(rest)),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+    ))
+    meta = out["meta"]
+    if meta is None or int(meta["step"]) != step:
+      raise ValueError(f"meta item of step {step} is missing or names another step ({meta})")
+    state = out["train"].replace(params=out["params"])
+    return Restored(state, _rng_from_json(meta["rng"]), (out["data"] or {}).get("state"), step)
+
+  def _set_aside(self, step: int):
+    """Renames an unreadable step directory to `<step>.unreadable`, so that later saves can reuse the number."""
+    src = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(src):
+      dst = f"{src}.unreadable"
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.unreadable{n}", n + 1
+      os.rename(src, dst)
+      log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+    self._manager.reload()
+
+
+# ------------------------------------------------------------------------------------------------------ preemption
+
+
+class StopFlag:
+  """Set by the signal handler; the training loop checks it between steps, saves, and leaves."""
+
+  def __init__(self):
+    self.requested = False
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __bool__(self) -> bool:
+    return self.requested
+
+  def uninstall(self):
+    """Puts back the handlers that were there before."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+
+def install_sigterm_handler(callback=None, signums=(signal.SIGTERM,)) -> StopFlag:
+  """Catches SIGTERM (TPU VM maintenance, preemption): sets the returned flag and calls `callback(signum)`.
+
+  Nothing is saved inside the handler, which may interrupt a device computation: the loop saves when it next looks
+  at the flag. Must be called from the main thread.
+  """
+  flag = StopFlag()
+
+  def handler(signum, frame):
+    del frame
+    flag.requested, flag.signum = True, signum
+    log.warning("received signal %d: the training loop will save and stop", signum)
+    if callback is not None:
+      callback(signum)
+
+  for signum in signums:
+    flag._previous[signum] = signal.signal(signum, handler)
+  return flag
+
+
+def should_stop(flag: StopFlag) -> bool:
+  """Whether any process was asked to stop (all processes must call this at the same step to save together)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
