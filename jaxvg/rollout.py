@@ -124,6 +124,17 @@ def token_logp(logits_BV: Float[Array, "B V"], tokens_B: Int[Array, " B"]) -> Fl
   return picked_B - jax.nn.logsumexp(logits_BV, axis=-1)
 
 
+def first_argmax(x_BV: Float[Array, "B V"]) -> Int[Array, " B"]:
+  """argmax over the last axis (the first index on ties) as a max and a min-index reduction.
+
+  XLA's CPU backend runs the (value, index) reduction of `jnp.argmax` several times slower than two plain ones.
+  """
+  V = x_BV.shape[-1]
+  iota_BV = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+  first_B = jnp.min(jnp.where(x_BV == jnp.max(x_BV, axis=-1, keepdims=True), iota_BV, V), axis=-1)
+  return jnp.minimum(first_B, V - 1)  # a NaN row still yields an in-range id
+
+
 def select_tokens(logits_BV: Float[Array, "B V"], keys_B, *, temperature: float, top_p: float,
                   top_k: int) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
   """Draws one token per row from `sampling_logits` (Gumbel-max with the row's key); greedy when temperature == 0.
@@ -131,10 +142,12 @@ def select_tokens(logits_BV: Float[Array, "B V"], keys_B, *, temperature: float,
   Returns (tokens_B int32, log-prob of each token under the sampling distribution; 0 for greedy).
   """
   if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros(logits_BV.shape[:1], jnp.float32)
+    return first_argmax(logits_BV), jnp.zeros(logits_BV.shape[:1], jnp.float32)
   z_BV = sampling_logits(logits_BV, temperature=temperature, top_p=top_p, top_k=top_k)
   gumbel_BV = jax.vmap(lambda k: jax.random.gumbel(k, z_BV.shape[-1:], jnp.float32))(keys_B)
-  tokens_B = jnp.argmax(z_BV + gumbel_BV, axis=-1).astype(jnp.int32)
+  # Materialize the noise: fused into the reduction, the random-bit generation runs several times slower on CPU.
+  gumbel_BV = jax.lax.optimization_barrier(gumbel_BV)
+  tokens_B = first_argmax(z_BV + gumbel_BV)
   return tokens_B, token_logp(z_BV, tokens_B)
 
 

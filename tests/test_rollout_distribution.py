@@ -74,6 +74,8 @@ def test_select_tokens_edge_cases():
   tokens, logq = select_jit(logits, keys, temperature=0.0, top_p=1.0, top_k=0)
   np.testing.assert_array_equal(tokens, [1, 0, 0])  # greedy ties go to the first maximum
   np.testing.assert_array_equal(logq, 0.0)
+  first = jax.jit(R.first_argmax)(jnp.asarray([[0.0, 2.0, 2.0], [-jnp.inf, -jnp.inf, -1.0], [jnp.nan, 1.0, 0.0]]))
+  assert first[:2].tolist() == [1, 2] and 0 <= int(first[2]) < 3  # first maximum; a NaN row stays in range
   # A tiny nucleus keeps the maximum only (its whole tie group: row 0 may draw 1 or 2, row 1 any token).
   for seed in range(5):
     tokens, logq = select_jit(logits, R.row_keys(jax.random.key(seed), 3, 0), temperature=1.0, top_p=1e-6,
