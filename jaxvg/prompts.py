@@ -136,7 +136,17 @@ VIGOS_REFERENCE_TEACHER = PromptFormat(
     images_first=True,
 )
 
-FORMATS = {f.name: f for f in (PGPO, VGS, VIGOS, VIGOS_REASONING_TEACHER, VIGOS_REFERENCE_TEACHER)}
+# The problem as the dataset states it (verl parquet already carries its instruction), graded on <think> + \boxed{}.
+RAW = PromptFormat(
+    name="raw",
+    system=None,
+    user_template="{question}",
+    prefill="",
+    sections=(Section("<think>", "</think>", _STEP_LABELS),),
+    images_first=False,
+)
+
+FORMATS = {f.name: f for f in (PGPO, VGS, VIGOS, VIGOS_REASONING_TEACHER, VIGOS_REFERENCE_TEACHER, RAW)}
 
 
 def get_format(name: str) -> PromptFormat:

@@ -78,6 +78,8 @@ def run(cfg: experiment.Config) -> dict:
   policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg),
                         donate_argnums=(0,))
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
+  # The k3 KL term's reference is the policy at the start of RL, a frozen copy (the live params are donated).
+  ref_params = jax.tree.map(jnp.copy, state.params) if cfg.algo.kl_coef > 0 else None
   credit_fn = credit.make_credit_fn(cfg.credit, model_cfg, tokenizer, G)
 
   # ================================================================================= Evaluate before
@@ -140,12 +142,15 @@ def run(cfg: experiment.Config) -> dict:
       tokens_NT = jnp.asarray(rolls.tokens_BT)
       mask_NT = jnp.asarray(np.asarray(rolls.mask_BT) & keep_N[:, None])
       logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
+      logp_ref = (score(ref_params, state.graphdef, prompt, tokens_NT, mask_NT, G)[0] if ref_params is not None
+                  else jnp.zeros_like(logp_old))
       rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
       adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=cfg.algo.advantage),
                                            mask_NT)
       mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT)
       adv_NT, credit_metrics, dep_map = credit_fn(state, mb, logp_old, adv_NT)
-      prepared.append(dict(prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, entropy=entropy,
+      prepared.append(dict(prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, logp_ref=logp_ref,
+                           entropy=entropy,
                            adv=adv_NT, credit=credit_metrics, dep=dep_map,
                            scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
                            answers=batch.answers))
@@ -161,7 +166,7 @@ def run(cfg: experiment.Config) -> dict:
           parts = [prepared[i] for i in chunk]
           weights = update.micro_weights([d["mask"] for d in parts], loss_cfg.aggregation)
           micro = tuple(update.PolicyBatch(d["prompt"], d["tokens"], d["mask"], d["logp_old"], d["adv"],
-                                           jnp.zeros_like(d["logp_old"]), jnp.asarray(w, jnp.float32))
+                                           d["logp_ref"], jnp.asarray(w, jnp.float32))
                         for d, w in zip(parts, weights))
           state, m = policy_step(state, micro)
           step_metrics.append(jax.device_get(m))

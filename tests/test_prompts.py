@@ -123,3 +123,10 @@ def test_prompt_text_through_the_chat_template(tokenizer):
   vgs = prompts.prompt_text(tokenizer, prompts.build_messages("<image>How many stars?", fmt=prompts.VGS),
                             fmt=prompts.VGS)
   assert vgs.count("<|im_start|>system\n") == 1 and vgs.startswith("<|im_start|>system\n" + VGS_SYSTEM + "<|im_end|>")
+
+
+def test_raw_format_keeps_the_problem_as_stated():
+  msgs = prompts.build_messages("Solve <image> then answer in \\boxed{}.", fmt=prompts.get_format("raw"))
+  assert [m["role"] for m in msgs] == ["user"]  # no system turn of its own: the chat template's default applies
+  assert msgs[0]["content"] == [{"type": "text", "text": "Solve "}, {"type": "image"},
+                                {"type": "text", "text": " then answer in \\boxed{}."}]
