@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from jaxvg.models.decoder import KVCache
 from jaxvg.models.vision import VisionInputs
@@ -109,7 +109,8 @@ def sampling_logits(logits_BV: Float[Array, "B V"], *, temperature: float, top_p
     top_BK = None
   if top_p < 1.0:
     sorted_BK = top_BK if top_BK is not None else -jnp.sort(-z_BV, axis=-1)
-    p_BK = jax.nn.softmax(sorted_BK, axis=-1)
+    # Normalized over every survivor: a tie at the k-th value keeps more than the k sorted entries.
+    p_BK = jnp.exp(sorted_BK - jax.nn.logsumexp(z_BV, axis=-1, keepdims=True))
     before_BK = jnp.cumsum(p_BK, axis=-1) - p_BK
     num_kept_B1 = jnp.sum(before_BK < top_p, axis=-1, keepdims=True)  # >= 1: the first entry has 0 before it
     cutoff_B1 = jnp.take_along_axis(sorted_BK, num_kept_B1 - 1, axis=-1)

@@ -33,6 +33,9 @@ CASES = {
     # T=1.3 over top-4 renormalized: .354 .241 .241 .164; .354 + .241 < .8 <= .836 -> {0,1,2}. (Top-p on the
     # unrenormalized .281 + .191 + .191 = .664 < .8 would keep token 7 too.)
     "top_k_then_top_p": ((1.3, 0.8, 4), {0, 1, 2}),
+    # top-2 with the tie keeps 3 tokens, renormalized over all 3: .330 .200 .200 / .730 = .452 .274 .274; .452 < .5
+    # adds the tie group. (Renormalizing over 2 sorted entries only, .330 / .530 = .622 >= .5, would keep {0}.)
+    "top_k_tie_then_top_p": ((1.0, 0.5, 2), {0, 1, 2}),
 }
 
 
