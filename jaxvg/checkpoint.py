@@ -2,21 +2,26 @@
 
   ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=3)
   stop = install_sigterm_handler()
+  start = 0
   if ckpt.latest_step() is not None:
-    state, key, data_state, step = ckpt.restore(None, sharding.with_shardings(abstract, shardings))
+    state, key, data_state, last = ckpt.restore(None, sharding.with_shardings(abstract, shardings))
     data_iter.set_state(data_state)
-  for step in range(step + 1, steps):
+    start = last + 1
+  for step in range(start, steps):
     ...
-    ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=cfg)   # async
-    if should_stop(stop):            # SIGTERM (preemption, maintenance): save, then leave
+    if should_stop(stop):            # SIGTERM (preemption, maintenance): save now, then leave
       ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=cfg, force=True)
       break
+    ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=cfg)   # async; the interval decides
   ckpt.close()                       # waits for the last write
 
 A step directory holds five items: `params` (the parameter tree), `train` (the rest of the TrainState: optimizer
-state, step counters), `data` (the grain iterator state, JSON), `config` (JSON) and `meta` (step, RNG key data,
-JSON). Orbax writes each step in a temporary directory and renames it when complete, so a save cut short never
-shows up as a step. A step that exists but does not read back (a file deleted or truncated) is moved aside to
+state, step counters), `data` (the grain iterator state of every process, JSON: each host reads its own shard of the
+data), `config` (JSON) and `meta` (step, RNG key data, JSON). With several processes every one of them calls `save`
+and `restore` at the same step, as orbax requires.
+
+Orbax writes each step in a temporary directory and renames it when complete, so a save cut short never shows up as
+a step. A step that exists but does not read back (a file deleted or truncated) is moved aside to
 `<step>.unreadable`, logged, and the previous step is restored instead.
 
 Restoring onto another mesh is a restore with other shardings: the target's ShapeDtypeStructs carry them, and each
@@ -24,6 +29,7 @@ device reads only its slices.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -63,7 +69,7 @@ def restore_params(path: str, like):
 class Restored(NamedTuple):
   state: Any           # the TrainState, in the target's shardings
   rng: jax.Array       # the PRNG key as saved (typed keys come back typed)
-  data_state: Any      # the grain iterator state (None when none was saved)
+  data_state: Any      # this process's grain iterator state (None when none was saved)
   step: int            # the step restored (older than asked for when the newer ones were unreadable)
 
 
@@ -123,10 +129,12 @@ class Checkpointer:
   def save(self, step: int, state, *, rng=None, data_state=None, config=None, force: bool = False) -> bool:
     """Starts writing `step` in the background; returns whether a save was started (the interval may skip it)."""
     params, rest = _split_state(state)
+    if not force and not self._manager.should_save(int(step)):
+      return False  # before gathering the data states: that is a collective over processes
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         train=ocp.args.StandardSave(rest),
-        data=ocp.args.JsonSave({"state": data_state}),
+        data=ocp.args.JsonSave({"processes": _gather_json(data_state)}),
         config=ocp.args.JsonSave(_config_to_json(config)),
         meta=ocp.args.JsonSave({"step": int(step), "rng": _rng_to_json(rng)}),
     )
@@ -162,13 +170,18 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     for s in steps:
       try:
-        return self._restore(s, abstract_state)
+        restored, per_process = self._restore(s, abstract_state)
       except Exception as e:  # orbax, tensorstore and JSON errors all mean: this step does not read back
         if step is not None:
           raise
         log.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step", s,
                     self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
         self._set_aside(s)
+        continue
+      if len(per_process) != jax.process_count():
+        raise ValueError(f"checkpoint step {s} holds the data iterator states of {len(per_process)} processes, but "
+                         f"this run has {jax.process_count()}: each process resumes its own data shard")
+      return restored._replace(data_state=per_process[jax.process_index()])
     raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
 
   def restore_params(self, step: int | None, abstract_params):
@@ -190,7 +203,7 @@ class Checkpointer:
     """The config saved with `step`, as a dict."""
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-  def _restore(self, step: int, abstract_state) -> Restored:
+  def _restore(self, step: int, abstract_state) -> tuple[Restored, list]:
     params, rest = _split_state(abstract_state)
     to_abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     out = self._manager.restore(step, args=ocp.args.Composite(
@@ -202,8 +215,11 @@ class Checkpointer:
     meta = out["meta"]
     if meta is None or int(meta["step"]) != step:
       raise ValueError(f"meta item of step {step} is missing or names another step ({meta})")
+    data = out["data"]
+    if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
+      raise ValueError(f"data item of step {step} is not a list of per-process states ({data})")
     state = out["train"].replace(params=out["params"])
-    return Restored(state, _rng_from_json(meta["rng"]), (out["data"] or {}).get("state"), step)
+    return Restored(state, _rng_from_json(meta["rng"]), None, step), data["processes"]
 
   def _set_aside(self, step: int):
     """Renames an unreadable step directory to `<step>.unreadable`, so that later saves can reuse the number."""
@@ -215,7 +231,23 @@ class Checkpointer:
         dst, n = f"{src}.unreadable{n}", n + 1
       os.rename(src, dst)
       log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jaxvg checkpoint: set aside step {step}")
     self._manager.reload()
+
+
+def _gather_json(obj) -> list:
+  """[obj of process 0, obj of process 1, ...]: every process's JSON-able value, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([blob.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(blobs[p, :int(n)]).decode()) for p, n in enumerate(sizes)]
 
 
 # ------------------------------------------------------------------------------------------------------ preemption

@@ -5,12 +5,16 @@
   equal to the memory plan's count, and the pieces tile each array exactly once);
 - `init_sharded` creates a state whose pieces are born on their devices;
 - `load_hf` with the sharding tables equals the single-device load;
-- a checkpoint saved from one device restores sharded on 8, and back.
+- a checkpoint saved from one device restores sharded on 8, and back;
+- two processes on localhost (jax.distributed, 4 CPU devices each) form one 8-device mesh: sharded init, a step on
+  a batch assembled from each host's rows, a checkpoint with each host's data iterator state, a stop request seen
+  by both.
 
-The checks run in their own process: XLA_FLAGS must be set before JAX starts.
+The checks run in their own processes: XLA_FLAGS must be set before JAX starts.
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,6 +34,96 @@ def test_sharded_update_load_and_restore_on_8_devices(tmp_path):
   for line in ("update equal on 1 and 8 devices", "bytes per device match the plan", "init born sharded",
                "load_hf equal on 1 and 8 devices", "checkpoint restored across meshes"):
     assert line in proc.stdout, proc.stdout[-3000:]
+
+
+def test_two_processes_share_one_mesh(tmp_path):
+  with socket.socket() as sock:  # a free port for the coordinator
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+  procs = [subprocess.Popen([sys.executable, __file__, "--host", str(i), str(port), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f"process {i} of 2: multi-host checks passed" in out, out[-3000:]
+
+
+def host_main(index: int, port: int, tmp: str):
+  """One of two processes: 4 local CPU devices each, 8 in the global mesh."""
+  import jax
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=index)
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.experimental import multihost_utils
+  from jax.sharding import PartitionSpec as P
+
+  from jaxvg import checkpoint, sharding, update
+  from jaxvg.models import layers
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=-1, tensor=1))
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  class Small(nnx.Module):
+    def __init__(self, rngs):
+      self.w_DF = layers.param(rngs, (8, 16), ("embed", "mlp"), jnp.float32)
+      self.up_LDF = layers.param(rngs, (2, 8, 16), ("layers", "embed", "mlp"), jnp.float32)
+
+  tx = optax.sgd(0.5)
+  state = sharding.init_sharded(lambda: Small(nnx.Rngs(0)), tx, mesh)
+  ref = update.init_state(Small(nnx.Rngs(0)), tx)  # this process's local, unsharded copy
+  w = state.params["w_DF"][...]
+  assert w.sharding.spec == P("fsdp", "tensor") and len(w.addressable_shards) == 4  # tensor has size 1
+  assert all(s.data.shape == (2, 16) for s in w.addressable_shards)
+  np.testing.assert_allclose(gather(w), np.asarray(ref.params["w_DF"][...]), rtol=1e-6, atol=1e-9)
+
+  # A global batch of 8 rows from two hosts' 4 rows each, as a grain pipeline sharded by process_index gives them.
+  rows = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+  x_BD = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), rows[4 * index:4 * index + 4])
+  assert x_BD.shape == (8, 8)
+
+  def loss_fn(params, x_BD):
+    h_BF = x_BD @ params["w_DF"][...]
+    return jnp.mean(h_BF**2) + jnp.mean(params["up_LDF"][...]**2)
+
+  def step(st, x_BD):
+    grads = jax.grad(loss_fn)(st.params, x_BD)
+    updates, opt_state = tx.update(grads, st.opt_state, st.params)
+    return st.replace(params=optax.apply_updates(st.params, updates), opt_state=opt_state, step=st.step + 1)
+
+  shardings = sharding.state_shardings(mesh, jax.eval_shape(lambda: state))
+  new = jax.jit(step, out_shardings=shardings)(state, x_BD)
+  want = step(ref, jnp.asarray(rows))
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(gather(a), np.asarray(b), atol=1e-6)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(tmp, "ckpt"))
+  ckpt.save(1, new, rng=jax.random.key(3), data_state={"host": index, "next": 10 + index})
+  ckpt.wait()
+  abstract = jax.eval_shape(lambda: new)
+  restored = ckpt.restore(None, sharding.with_shardings(abstract, shardings))
+  assert restored.step == 1 and restored.data_state == {"host": index, "next": 10 + index}, restored.data_state
+  for a, b in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(gather(a), np.asarray(b), atol=1e-6)
+  ckpt.close()
+
+  flag = checkpoint.StopFlag()
+  assert not checkpoint.should_stop(flag)
+  flag.requested = index == 1  # only one host received SIGTERM
+  assert checkpoint.should_stop(flag)
+  print(f"process {index} of 2: multi-host checks passed")
 
 
 def pieces_tile(arr):
@@ -185,4 +279,7 @@ def main(tmp):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if sys.argv[1] == "--host":
+    host_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  else:
+    main(sys.argv[1])
