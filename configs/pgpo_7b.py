@@ -8,6 +8,9 @@ Local files (placeholders; nothing is downloaded):
   data/virl39k/train.parquet            ViRL39K in verl parquet form (the PAPO-processed 38,870 samples)
   data/mmk12/test.parquet               the MMK12 test set, validated before and after training
 
+The parquet's user turn should hold the bare problem (with its <image> placeholder): the pgpo format appends
+the paper's instruction. If it already carries an instruction, use --set data.prompt_format=raw instead.
+
 Recipe: prompt format pgpo (EasyR1 system turn, <think> </think> then \boxed{}), reward 0.9 accuracy + 0.1 format,
 AdamW lr 1e-6 constant (no warmup, no decay), vision tower trainable; rollout batch 384 prompts x 5 samples at
 temperature 1.0, top-p 0.99, max 2048 new tokens; update batch 128 prompts (3 updates per rollout batch); DAPO:
