@@ -8,8 +8,8 @@ Local files (placeholders; nothing is downloaded):
   data/vision_sr1_47k/train.parquet     Vision-SR1-47K in verl parquet form
   data/vision_sr1_47k/test.parquet      a held-out split, validated before and after training
 
-The parquet's user turn should hold the bare problem (with its <image> placeholder): the pgpo format appends
-its <think> </think> + \boxed{} instruction. If it already carries an instruction, use --set data.prompt_format=raw instead.
+The parquet's user turn should hold the bare problem (with its <image> placeholder): the pgpo format appends its
+<think> </think> + \boxed{} instruction. If it already carries an instruction, use --set data.prompt_format=raw.
 
 PDCR's own table of training hyperparameters is not public; jaxvg follows the proposal of methods.md: Vision-SR1's
 EasyR1 GRPO config (AdamW lr 1e-6, weight decay 1e-2, constant, grad clip 1.0, vision tower trainable; rollout batch
