@@ -63,7 +63,9 @@ class Decoder(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", h_BTD, self.head_weight_DV().astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _layer(self, x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, cache_k_BSKH, cache_v_BSKH, cache_index):
+  def _layer(self, x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, keys_values=None):
+    """One block. `keys_values(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH)` stores the new keys and values in a cache and
+    returns every key and value to attend to; without it the block attends to its own T tokens."""
     cfg, dt = self.cfg, self.dtype
     h_BTD = layers.rms_norm(x_BTD, lyr["attn_norm"], cfg.rms_norm_eps)
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, lyr["q"].astype(dt)) + lyr["q_bias"].astype(dt)
@@ -71,19 +73,13 @@ class Decoder(nnx.Module):
     v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, lyr["v"].astype(dt)) + lyr["v_bias"].astype(dt)
     q_BTNH = layers.apply_rope(q_BTNH, cos_BTH, sin_BTH)
     k_BTKH = layers.apply_rope(k_BTKH, cos_BTH, sin_BTH)
-    if cache_k_BSKH is None:
-      k_BSKH, v_BSKH = k_BTKH, v_BTKH
-    else:
-      at = (0, cache_index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(cache_k_BSKH, k_BTKH.astype(cache_k_BSKH.dtype), at)
-      v_BSKH = jax.lax.dynamic_update_slice(cache_v_BSKH, v_BTKH.astype(cache_v_BSKH.dtype), at)
+    k_BSKH, v_BSKH = (k_BTKH, v_BTKH) if keys_values is None else keys_values(k_BTKH, v_BTKH)
     o_BTNH = layers.attention(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BTS)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lyr["o"].astype(dt))
     h_BTD = layers.rms_norm(x_BTD, lyr["mlp_norm"], cfg.rms_norm_eps)
     gate_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, lyr["gate"].astype(dt))
     up_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, lyr["up"].astype(dt))
-    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, lyr["down"].astype(dt))
-    return x_BTD, k_BSKH, v_BSKH
+    return x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, lyr["down"].astype(dt))
 
   def __call__(self, x_BTD, positions_3BT, kv_mask_BS, *, attn_mask_BTS=None, cache: KVCache | None = None,
                cache_index=0, return_hidden: bool = False):
@@ -116,16 +112,34 @@ class Decoder(nnx.Module):
         "up": self.up_LDF[...], "down": self.down_LFD[...],
     }
 
-    def body(x_BTD, xs):
-      lyr, ck, cv = xs
-      x_BTD, k, v = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, ck, cv, cache_index)
-      return x_BTD, (k if cache is not None else None, v if cache is not None else None,
-                     x_BTD if return_hidden else None)
+    if cache is None:
+      def body(x_BTD, lyr):
+        x_BTD = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS)
+        return x_BTD, (x_BTD if return_hidden else None)
 
-    if self.remat:
-      body = jax.checkpoint(body)
-    cache_xs = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else (None, None)
-    x_BTD, (k_L, v_L, hidden_L) = jax.lax.scan(body, x_BTD, (weights, *cache_xs))
+      if self.remat:
+        body = jax.checkpoint(body)
+      x_BTD, hidden_L = jax.lax.scan(body, x_BTD, weights)
+    else:
+      # The cache rides in the carry and each layer writes only its new slots, so the loop updates it in place
+      # instead of assembling a fresh [L, B, S, K, H] buffer from per-layer outputs.
+      def body(carry, xs):
+        x_BTD, k_LBSKH, v_LBSKH = carry
+        lyr, l = xs
+        stored = {}
+
+        def keys_values(k_BTKH, v_BTKH):
+          at = (l, 0, cache_index, 0, 0)
+          stored["k"] = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH[None].astype(k_LBSKH.dtype), at)
+          stored["v"] = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
+          return stored["k"][l], stored["v"][l]
+
+        x_BTD = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, keys_values)
+        return (x_BTD, stored["k"], stored["v"]), (x_BTD if return_hidden else None)
+
+      (x_BTD, k_L, v_L), hidden_L = jax.lax.scan(body, (x_BTD, cache.k_LBSKH, cache.v_LBSKH),
+                                                 (weights, jnp.arange(cfg.num_layers)))
+      cache = KVCache(k_L, v_L)
     h_BTD = layers.rms_norm(x_BTD, self.final_norm_D[...], cfg.rms_norm_eps)
     out = {"hidden_LBTD": hidden_L} if return_hidden else {}
-    return h_BTD, (KVCache(k_L, v_L) if cache is not None else None), out
+    return h_BTD, cache, out

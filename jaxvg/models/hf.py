@@ -205,7 +205,7 @@ def _checkpoint_dtype(hf_config: dict, ckpt: _Checkpoint):
   return jnp.dtype(first.dtype)
 
 
-def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[[str, tuple], jax.sharding.Sharding]
+def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[..., jax.sharding.Sharding]
             | None = None, remat: bool = False) -> Qwen25VL:
   """Loads a local Hugging Face Qwen2.5-VL directory into a `Qwen25VL`.
 
@@ -213,7 +213,8 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[[str,
     path: directory with config.json and model.safetensors (or sharded files with an index).
     dtype: compute dtype; defaults to the checkpoint's.
     param_dtype: storage dtype of the parameters; defaults to `dtype` (bf16 checkpoints load as bf16).
-    sharding: optional `fn(param_name, logical_axes) -> Sharding` placing each parameter (see `jaxvg.sharding`);
+    sharding: optional `fn(param_name, logical_axes, shape) -> Sharding` placing each parameter (see
+      `jaxvg.sharding.param_sharding`);
       by default parameters go to the default device.
     remat: rematerialize each layer in the backward pass.
   """
@@ -252,7 +253,7 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[[str,
     expected.update(keys)
     stacked = _LAYER in template
 
-    def fetch(index, keys=keys, fn=fn, stacked=stacked, target=var.value):
+    def fetch(index, keys=keys, fn=fn, stacked=stacked, target=var.get_value()):
       if stacked:
         rows = range(len(keys))[index[0]]
         block = np.stack([fn(ckpt.get(keys[l]))[index[1:]] for l in rows])
@@ -261,9 +262,11 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[[str,
       return np.asarray(block).astype(target.dtype)
 
     logical = var.get_metadata().get("logical_axes")
-    target_sharding = (sharding(name, logical) if sharding is not None
+    shape = var.get_value().shape
+    # The shape lets a placement rule replicate a dimension its mesh axes do not divide.
+    target_sharding = (sharding(name, logical, shape) if sharding is not None
                        else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    flat.append((path_tuple, var.replace(jax.make_array_from_callback(var.value.shape, target_sharding, fetch))))
+    flat.append((path_tuple, var.replace(jax.make_array_from_callback(shape, target_sharding, fetch))))
 
   unexpected = set(ckpt.where) - expected
   if cfg.text.tie_word_embeddings:
@@ -285,7 +288,7 @@ def save_hf(model: Qwen25VL, path: str, *, max_shard_bytes: int = 2 * 1024**3, d
   cfg = model.cfg
   os.makedirs(path, exist_ok=True)
   _, write = _tables(cfg)
-  params = {"/".join(str(p) for p in k): v.value for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  params = {"/".join(str(p) for p in k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   host = {}  # Each parameter is fetched to the host once, on first use.
 
   def fetch(name):
