@@ -12,9 +12,13 @@
 
 `make_credit_fn` returns `fn(state, minibatch, logp_real_NT, adv_NT) -> (adv_NT, metrics, dependency maps)`. The
 minibatch has `.prompts` (a data PromptBatch), `.tokens_NT` and `.mask_NT`; PACR and PDCR also read `.answers`, the
-B ground-truth answers of the prompts (Y_gt of the suffix). `adv_NT` carries the outcome (group) advantage A_O on
-each response token; the image-conditioned log-probs are the old-policy scores the step computes anyway, so PGPO
-costs one compacted text-only forward, PACR one tree-masked forward, PDCR both a tree-masked and a white-image one.
+B ground-truth answers of the prompts (Y_gt of the suffix), and need the prompt format (`fmt=`). PACR / PDCR pool
+the steps of what they are given for the Otsu split and the min-max; `make_batch_credit_fn` takes the list of a
+rollout batch's micro-batches, so the pools are the whole rollout batch (methods.md section 8).
+
+`adv_NT` carries the outcome (group) advantage A_O on each response token. The image-conditioned log-probs are the
+old-policy scores the step computes anyway, so PGPO costs one compacted text-only forward, PACR one tree-masked
+forward, PDCR a tree-masked and a white-image one.
 """
 
 import dataclasses
@@ -94,25 +98,29 @@ def dependency_metrics(score_NT, mask_NT, has_image_N) -> dict[str, float]:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StepCredit:
-  advantages: pdcr.StepAdvantages  # adv_BT is A_total on every token of its step
+class StepInputs:
+  """What one micro-batch contributes to the step advantages (computed by the old policy, no gradient)."""
+
   segments: steps.StepSegments
   c_NK1: jax.Array  # float32 [N, C + 1]: c_0..c_C (0 past K_n)
+  logp_real_NT: jax.Array  # float32: response-token log-probs with the real image (0 on padding)
+  logp_cf_NT: jax.Array | None  # the same under the counterfactual prompt (PDCR), None for PACR
+  adv_o_N: jax.Array  # float32: the outcome advantage A_O of each row
 
 
-def step_credit(model, prompt: PromptInputs, counterfactual: PromptInputs | None, tokens_NT, mask_NT, logp_real_NT,
-                adv_o_N, suffix: confidence.AnswerSuffix, tables: tuple, *, group_size: int, max_steps: int,
-                cfg: pdcr.PDCRConfig) -> StepCredit:
-  """The device side of PACR (counterfactual None) and PDCR: segment, confidences in one pass, step advantages.
+def step_inputs(model, prompt: PromptInputs, counterfactual: PromptInputs | None, tokens_NT, mask_NT, logp_real_NT,
+                adv_o_N, suffix: confidence.AnswerSuffix, tables: tuple, *, group_size: int,
+                max_steps: int) -> StepInputs:
+  """The model side of PACR (counterfactual None) and PDCR for one micro-batch: steps, and c_0..c_K in one pass.
 
   Args:
     model: the (old) policy.
     prompt, counterfactual: the real prompts and, for PDCR, the counterfactual ones (white image).
     tokens_NT, mask_NT: the completions; logp_real_NT: their log-probs with the real image (old policy).
-    adv_o_N: the outcome advantage A_O of each row.
+    adv_o_N: the outcome advantage A_O of each row (passed through).
     suffix: the answer-forcing suffixes (`confidence.answer_suffixes`).
     tables: (is_boundary_V, is_fallback_V, is_blank_V) from `step_tables`.
-    group_size, max_steps, cfg: G, the static step slots C, and gamma / lambdas / step_score / eps.
+    group_size, max_steps: G and the static step slots C.
   """
   mask_NT = jnp.asarray(mask_NT, bool)
   is_boundary_V, is_fallback_V, is_blank_V = tables
@@ -122,24 +130,46 @@ def step_credit(model, prompt: PromptInputs, counterfactual: PromptInputs | None
   boundary_NK1 = steps.confidence_boundaries(jnp.full((tokens_NT.shape[0],), T0, jnp.int32), segments)
   c_NK1 = confidence.tree_confidences(model, prompt, tokens_NT, mask_NT, group_size, boundary_NK1=boundary_NK1,
                                       suffix=suffix)
-  if counterfactual is None:
-    adv = pdcr.pacr_advantages(adv_o_N, c_NK1, segments, cfg=cfg)
-  else:
-    logp_cf_NT = scoring.completion_logps(model, counterfactual, tokens_NT, mask_NT, group_size)
-    adv = pdcr.pdcr_advantages(adv_o_N, c_NK1, segments, logp_real_BT=jnp.where(mask_NT, logp_real_NT, 0.0),
-                               logp_white_BT=logp_cf_NT, cfg=cfg)
-  return StepCredit(advantages=adv, segments=segments, c_NK1=c_NK1)
+  logp_cf_NT = None
+  if counterfactual is not None:
+    logp_cf_NT = jax.lax.stop_gradient(scoring.completion_logps(model, counterfactual, tokens_NT, mask_NT,
+                                                                group_size))
+  return StepInputs(segments=segments, c_NK1=c_NK1, logp_real_NT=jnp.where(mask_NT, logp_real_NT, 0.0),
+                    logp_cf_NT=logp_cf_NT, adv_o_N=jnp.asarray(adv_o_N, jnp.float32))
+
+
+def concat_step_inputs(parts: list[StepInputs]) -> StepInputs:
+  """The micro-batches of a rollout batch as one: rows stacked, completion widths padded (step id -1, log-prob 0)."""
+  width = max(p.logp_real_NT.shape[1] for p in parts)
+  pad_T = lambda x, value: jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+  rows = lambda xs: jnp.concatenate(xs, axis=0)
+  segments = steps.StepSegments(step_ids_BT=rows([pad_T(p.segments.step_ids_BT, -1) for p in parts]),
+                                num_steps_B=rows([p.segments.num_steps_B for p in parts]),
+                                step_end_BC=rows([p.segments.step_end_BC for p in parts]))
+  has_cf = parts[0].logp_cf_NT is not None
+  return StepInputs(segments=segments, c_NK1=rows([p.c_NK1 for p in parts]),
+                    logp_real_NT=rows([pad_T(p.logp_real_NT, 0.0) for p in parts]),
+                    logp_cf_NT=rows([pad_T(p.logp_cf_NT, 0.0) for p in parts]) if has_cf else None,
+                    adv_o_N=rows([p.adv_o_N for p in parts]))
+
+
+def step_advantages(inputs: StepInputs, *, cfg: pdcr.PDCRConfig) -> pdcr.StepAdvantages:
+  """PDCR (with a counterfactual pass) or PACR (without) over every step of `inputs`: the Otsu and min-max pools."""
+  if inputs.logp_cf_NT is None:
+    return pdcr.pacr_advantages(inputs.adv_o_N, inputs.c_NK1, inputs.segments, cfg=cfg)
+  return pdcr.pdcr_advantages(inputs.adv_o_N, inputs.c_NK1, inputs.segments, logp_real_BT=inputs.logp_real_NT,
+                              logp_white_BT=inputs.logp_cf_NT, cfg=cfg)
 
 
 def _masked_stats(x) -> tuple[float, float]:
   return (float(x.mean()), float(x.std())) if x.size else (0.0, 0.0)
 
 
-def step_metrics(method: str, out: StepCredit) -> dict[str, float]:
+def step_metrics(method: str, adv: pdcr.StepAdvantages, inputs: StepInputs) -> dict[str, float]:
   """Host-side metrics: steps per response, confidences, and per cluster its size and advantage statistics."""
-  adv = jax.device_get(out.advantages)
-  num_N = np.asarray(out.segments.num_steps_B)
-  c_NK1 = np.asarray(out.c_NK1)
+  adv = jax.device_get(adv)
+  num_N = np.asarray(inputs.segments.num_steps_B)
+  c_NK1 = np.asarray(inputs.c_NK1)
   C = adv.step_adv_BC.shape[1]
   rows = num_N > 0
   valid_NC = np.arange(C)[None, :] < num_N[:, None]
@@ -163,13 +193,13 @@ def step_metrics(method: str, out: StepCredit) -> dict[str, float]:
   return m
 
 
-def _step_credit_params(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, logp_real_NT, adv_o_N, suffix,
-                        tables, *, group_size, max_steps, cfg):
-  return step_credit(nnx.merge(graphdef, params), prompt, counterfactual, tokens_NT, mask_NT, logp_real_NT, adv_o_N,
-                     suffix, tables, group_size=group_size, max_steps=max_steps, cfg=cfg)
+def _step_inputs_params(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, logp_real_NT, adv_o_N, suffix,
+                        tables, *, group_size, max_steps):
+  return step_inputs(nnx.merge(graphdef, params), prompt, counterfactual, tokens_NT, mask_NT, logp_real_NT, adv_o_N,
+                     suffix, tables, group_size=group_size, max_steps=max_steps)
 
 
-def _make_step_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, fmt: PromptFormat):
+def _make_step_batch_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, fmt: PromptFormat):
   if fmt is None:
     raise ValueError(f"credit.method={cfg.method!r} needs the prompt format (fmt=...) to build its answer-forcing "
                      f"suffix")
@@ -180,28 +210,38 @@ def _make_step_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, 
                              step_score=cfg.step_score)
   t = step_tables(tokenizer, model_cfg.text.vocab_size)
   tables = (jnp.asarray(t.is_boundary_V), jnp.asarray(t.is_fallback_V), jnp.asarray(t.is_blank_V))
-  device_fn = jax.jit(functools.partial(_step_credit_params, group_size=group_size, max_steps=cfg.max_steps,
-                                        cfg=pdcr_cfg), static_argnums=(1,))
+  inputs_fn = jax.jit(functools.partial(_step_inputs_params, group_size=group_size, max_steps=cfg.max_steps),
+                      static_argnums=(1,))
+  advantages_fn = jax.jit(functools.partial(step_advantages, cfg=pdcr_cfg))
 
-  def credit_fn(state, mb, logp_real_NT, adv_NT):
-    if not hasattr(mb, "answers"):
-      raise ValueError(f"credit.method={cfg.method!r} reads mb.answers (the prompts' ground-truth answers)")
-    B = np.shape(mb.prompts.input_ids_BT)[0]
-    if len(mb.answers) != B:
-      raise ValueError(f"mb.answers has {len(mb.answers)} entries for {B} prompts")
-    mask_NT = jnp.asarray(mb.mask_NT)
-    cf = counterfactual_inputs(mb.prompts, cfg.counterfactual) if cfg.method == "pdcr" else None
-    suffix = confidence.answer_suffixes(tokenizer, mb.answers, fmt=fmt, group_size=group_size)
-    out = device_fn(state.params, state.graphdef, as_prompt_inputs(mb.prompts), cf, jnp.asarray(mb.tokens_NT),
-                    mask_NT, jnp.asarray(logp_real_NT), outcome_advantages(adv_NT, mask_NT), suffix, tables)
-    metrics = step_metrics(cfg.method, out)
+  def batch_credit_fn(state, mbs, logps_real, advs):
+    parts = []
+    for mb, logp_real_NT, adv_NT in zip(mbs, logps_real, advs, strict=True):
+      if not hasattr(mb, "answers"):
+        raise ValueError(f"credit.method={cfg.method!r} reads mb.answers (the prompts' ground-truth answers)")
+      B = np.shape(mb.prompts.input_ids_BT)[0]
+      if len(mb.answers) != B:
+        raise ValueError(f"mb.answers has {len(mb.answers)} entries for {B} prompts")
+      mask_NT = jnp.asarray(mb.mask_NT)
+      cf = counterfactual_inputs(mb.prompts, cfg.counterfactual) if cfg.method == "pdcr" else None
+      suffix = confidence.answer_suffixes(tokenizer, mb.answers, fmt=fmt, group_size=group_size)
+      parts.append(inputs_fn(state.params, state.graphdef, as_prompt_inputs(mb.prompts), cf,
+                             jnp.asarray(mb.tokens_NT), mask_NT, jnp.asarray(logp_real_NT),
+                             outcome_advantages(adv_NT, mask_NT), suffix, tables))
+    inputs = parts[0] if len(parts) == 1 else concat_step_inputs(parts)
+    adv = advantages_fn(inputs)
+    out, row = [], 0
+    for mb in mbs:
+      n, width = np.shape(mb.mask_NT)
+      out.append(adv.adv_BT[row:row + n, :width] * (jnp.asarray(mb.mask_NT) > 0))
+      row += n
     dep = None
     if cfg.method == "pdcr":
-      valid_NC = np.arange(cfg.max_steps)[None, :] < np.asarray(out.segments.num_steps_B)[:, None]
-      dep = {"step_V": np.asarray(out.advantages.visual_BC)[valid_NC]}
-    return out.advantages.adv_BT * (mask_NT > 0), metrics, dep
+      valid_NC = np.arange(cfg.max_steps)[None, :] < np.asarray(inputs.segments.num_steps_B)[:, None]
+      dep = {"step_V": np.asarray(adv.visual_BC)[valid_NC]}
+    return out, step_metrics(cfg.method, adv, inputs), dep
 
-  return credit_fn
+  return batch_credit_fn
 
 
 # -------------------------------------------------------------------------------------------------------------- PGPO
@@ -231,11 +271,47 @@ def _make_pgpo_credit_fn(cfg: CreditCfg, group_size: int):
   return pgpo_credit
 
 
+def make_batch_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, *, fmt: PromptFormat | None = None):
+  """The credit function over a whole rollout batch: `fn(state, mbs, logps_real, advs) -> (advs, metrics, maps)`.
+
+  `mbs`, `logps_real` and `advs` are lists with one entry per micro-batch; PACR / PDCR pool every step of every
+  micro-batch for the Otsu threshold and the min-max statistics (methods.md section 8: over the rollout batch), so the
+  result does not depend on how the batch is split. PGPO and none work per response, micro-batch by micro-batch; their
+  metrics are the mean over the micro-batches and their dependency maps are concatenated.
+  """
+  counterfactuals_needed(cfg)
+  if cfg.method in ("pacr", "pdcr"):
+    return _make_step_batch_fn(cfg, model_cfg, tokenizer, group_size, fmt)
+  if cfg.method == "none":
+    single = lambda state, mb, logp_real, adv_NT: (adv_NT, {}, None)
+  else:
+    single = _make_pgpo_credit_fn(cfg, group_size)
+
+  def batch_credit_fn(state, mbs, logps_real, advs):
+    results = [single(state, mb, lp, a) for mb, lp, a in zip(mbs, logps_real, advs, strict=True)]
+    metrics = {k: float(np.mean([r[1][k] for r in results])) for k in (results[0][1] if results else {})}
+    maps = [r[2] for r in results if r[2] is not None]
+    dep = {k: np.concatenate([m[k] for m in maps]) for k in maps[0]} if maps else None
+    return [r[0] for r in results], metrics, dep
+
+  return batch_credit_fn
+
+
 def make_credit_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, *, fmt: PromptFormat | None = None):
-  """The credit function of `cfg.method` (see the module docstring); PACR / PDCR need the prompt format `fmt`."""
+  """The credit function of one micro-batch: `fn(state, mb, logp_real_NT, adv_NT) -> (adv_NT, metrics, maps)`.
+
+  For PACR / PDCR the Otsu and min-max pools are this micro-batch's steps; use `make_batch_credit_fn` to pool a whole
+  rollout batch. PACR / PDCR need the prompt format `fmt` and read `mb.answers`.
+  """
   counterfactuals_needed(cfg)
   if cfg.method == "none":
     return lambda state, mb, logp_real, adv_NT: (adv_NT, {}, None)
   if cfg.method == "pgpo":
     return _make_pgpo_credit_fn(cfg, group_size)
-  return _make_step_credit_fn(cfg, model_cfg, tokenizer, group_size, fmt)
+  batch_fn = _make_step_batch_fn(cfg, model_cfg, tokenizer, group_size, fmt)
+
+  def credit_fn(state, mb, logp_real_NT, adv_NT):
+    advs, metrics, dep = batch_fn(state, [mb], [logp_real_NT], [adv_NT])
+    return advs[0], metrics, dep
+
+  return credit_fn

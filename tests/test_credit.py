@@ -78,8 +78,14 @@ def _naive_steps(tok, tokens, mask, eos):
   return out
 
 
-def _naive_step_advantages(s, step_ids, visual=None, lambda_o=1.0, lambda_p=0.5):
-  """A_total per token from separate-pass confidences, G_k = c_K - c_{k-1} (gamma 1), per-cluster min-max."""
+def _naive_step_advantages(s, step_ids, visual=None, lambda_o=1.0, lambda_p=0.5, answers=None, adv_o=None):
+  """A_total per token from separate-pass confidences, G_k = c_K - c_{k-1} (gamma 1), per-cluster min-max.
+
+  `answers` / `adv_o` list several micro-batches that share the rows of s (their answers and A_O differ); their steps
+  form one pool. Returns (one [N, T] array per micro-batch, K per row, clusters, spread of G per cluster).
+  """
+  answers = [s["mb"].answers] if answers is None else answers
+  adv_o = [ADV_O] if adv_o is None else adv_o
   T0 = s["prompt"].input_ids_BT.shape[1]
   K = [int(ids.max()) + 1 if ids.size else 0 for ids in step_ids]
   boundary = np.full((len(K), MAX_STEPS + 1), -1, np.int32)
@@ -87,11 +93,15 @@ def _naive_step_advantages(s, step_ids, visual=None, lambda_o=1.0, lambda_p=0.5)
     if K[n]:
       boundary[n, 0] = T0 - 1
       boundary[n, 1:K[n] + 1] = [T0 + np.flatnonzero(ids == k).max() for k in range(K[n])]
-  suffix = confidence.answer_suffixes(s["tok"], s["mb"].answers, fmt=prompts.PGPO, group_size=G)
-  c = confidence.separate_confidences(s["state"].params, s["state"].graphdef, s["prompt"], s["tokens"], s["mask"], G,
-                                      boundary_NK1=boundary, suffix=suffix, width_multiple=128)
-  returns = [[c[n, K[n]] - c[n, k] for k in range(K[n])] for n in range(len(K))]  # G_{k+1} = c_K - c_k
-  cluster = [[0] * K[n] if visual is None else [None] * K[n] for n in range(len(K))]
+  returns = {}
+  for j, ans in enumerate(answers):
+    suffix = confidence.answer_suffixes(s["tok"], ans, fmt=prompts.PGPO, group_size=G)
+    c = confidence.separate_confidences(s["state"].params, s["state"].graphdef, s["prompt"], s["tokens"], s["mask"],
+                                        G, boundary_NK1=boundary, suffix=suffix, width_multiple=128)
+    for n in range(len(K)):
+      for k in range(K[n]):
+        returns[j, n, k] = c[n, K[n]] - c[n, k]  # G_{k+1} = c_K - c_k
+  cluster = {key: 0 for key in returns}
   if visual is not None:  # brute-force Otsu: the threshold among the values with the least SSE (first on ties)
     vals = np.array([v for row in visual for v in row], np.float64)
     best = None
@@ -101,22 +111,23 @@ def _naive_step_advantages(s, step_ids, visual=None, lambda_o=1.0, lambda_p=0.5)
       if best is None or sse < best[0] - 1e-12:
         best = (sse, c_star)
     c_star = best[1] if best else vals.min()
-    cluster = [[int(v >= c_star) for v in row] for row in visual]
-  flat = [(n, k) for n in range(len(K)) for k in range(K[n])]
+    cluster = {(j, n, k): int(visual[n][k] >= c_star) for j, n, k in returns}
   process, spread = {}, {}
   for label in (0, 1):
-    members = [(n, k) for n, k in flat if cluster[n][k] == label]
+    members = [key for key in returns if cluster[key] == label]
     if not members:
       continue
-    g = np.array([returns[n][k] for n, k in members])
+    g = np.array([returns[key] for key in members])
     spread[label] = g.max() - g.min()
-    for (n, k), v in zip(members, g):
-      process[n, k] = (v - g.min()) / (g.max() - g.min() + 1e-8) if g.max() > g.min() else 0.0
-  adv = np.zeros(s["tokens"].shape)
-  for n, ids in enumerate(step_ids):
-    for t, k in enumerate(ids):
-      adv[n, t] = lambda_o * ADV_O[n] + lambda_p * process[n, k]
-  return adv, K, cluster, spread
+    for key, v in zip(members, g):
+      process[key] = (v - g.min()) / (g.max() - g.min() + 1e-8) if g.max() > g.min() else 0.0
+  advs = [np.zeros(s["tokens"].shape) for _ in answers]
+  for j in range(len(answers)):
+    for n, ids in enumerate(step_ids):
+      for t, k in enumerate(ids):
+        advs[j][n, t] = lambda_o * adv_o[j][n] + lambda_p * process[j, n, k]
+  clusters = [[cluster[0, n, k] for k in range(K[n])] for n in range(len(K))]
+  return advs, K, clusters, spread
 
 
 def test_counterfactuals_needed_and_config_errors():
@@ -155,7 +166,7 @@ def test_pacr_matches_a_naive_reference(setup):
   s = setup
   adv, metrics, dep = s["fns"]["pacr"](s["state"], s["mb"], s["logp_real"], s["adv"])
   step_ids = _naive_steps(s["tok"], s["tokens"], s["mask"], s["eos"])
-  want, K, _, spread = _naive_step_advantages(s, step_ids)
+  (want,), K, _, spread = _naive_step_advantages(s, step_ids)
   assert spread[0] > 1e-3  # the returns differ, so the min-max is not degenerate
   # c agrees to ~1e-5; min-max divides by the spread of the returns, so the tolerance scales with 1 / spread.
   np.testing.assert_allclose(np.asarray(adv), want, atol=0.5 * 4e-5 / spread[0] + 1e-6)
@@ -176,13 +187,37 @@ def test_pdcr_matches_a_naive_reference(setup):
   diff = np.asarray(s["logp_real"]) - np.asarray(logp_white)
   visual = [[float(diff[n, :len(ids)][ids == k].sum()) for k in range(int(ids.max()) + 1 if ids.size else 0)]
             for n, ids in enumerate(step_ids)]
-  want, K, cluster, spread = _naive_step_advantages(s, step_ids, visual=visual)
+  (want,), K, cluster, spread = _naive_step_advantages(s, step_ids, visual=visual)
   np.testing.assert_allclose(dep["step_V"], [v for row in visual for v in row], atol=1e-5)
   tol = 0.5 * 4e-5 / min(v for v in spread.values() if v > 0) + 1e-6
   np.testing.assert_allclose(np.asarray(adv), want, atol=tol)
   n_visual = sum(c for row in cluster for c in row)
   assert metrics["pdcr/visual_steps"] == n_visual and metrics["pdcr/textual_steps"] == sum(K) - n_visual
   assert 0 < n_visual < sum(K)  # two real clusters
+
+
+def test_batch_credit_pools_every_micro_batch_of_the_rollout_batch(setup):
+  s = setup
+  batch_fn = credit.make_batch_credit_fn(CreditCfg(method="pacr", max_steps=MAX_STEPS), s["model"].cfg, s["tok"], G,
+                                         fmt=prompts.PGPO)
+  # A second micro-batch: the same rollouts graded against other answers, with other outcome advantages.
+  mb2 = types.SimpleNamespace(**{**vars(s["mb"]), "answers": ("7", "blue")})
+  adv_o2 = np.array([-1.0, 1.0, 2.0, 0.0], np.float32)
+  advs, metrics, _ = batch_fn(s["state"], [s["mb"], mb2], [s["logp_real"]] * 2,
+                              [s["adv"], jnp.asarray(adv_o2[:, None] * s["mask"])])
+  step_ids = _naive_steps(s["tok"], s["tokens"], s["mask"], s["eos"])
+  want, K, _, spread = _naive_step_advantages(s, step_ids, answers=[s["mb"].answers, mb2.answers],
+                                              adv_o=[ADV_O, adv_o2])
+  for got, ref in zip(advs, want):
+    np.testing.assert_allclose(np.asarray(got), ref, atol=0.5 * 4e-5 / spread[0] + 1e-6)
+  assert metrics["pacr/all_steps"] == 2 * sum(K)
+  # The pool is the whole batch: normalized alone, the first micro-batch gets other advantages.
+  alone, _, _ = s["fns"]["pacr"](s["state"], s["mb"], s["logp_real"], s["adv"])
+  assert np.max(np.abs(np.asarray(alone) - np.asarray(advs[0]))) > 1e-3
+  # A micro-batch given twice changes no statistic: each copy gets exactly what it gets alone.
+  twice, _, _ = batch_fn(s["state"], [s["mb"], s["mb"]], [s["logp_real"]] * 2, [s["adv"]] * 2)
+  for got in twice:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(alone), atol=1e-6)
 
 
 def _bigram_state(s):
