@@ -101,11 +101,12 @@ def random_images(sizes, seed: int = 0):
 def prompt_ids(cfg, grid, text_tokens: int, seed: int = 0):
   """One row per image: text, <vision_start>, image pads, <vision_end>, text."""
   rng = np.random.default_rng(seed)
+  top = min(1000, cfg.text.vocab_size - 8)
   rows = []
   for t, h, w in np.asarray(grid).tolist():
     n = t * h * w // 4
-    row = (list(rng.integers(1, 1000, text_tokens // 2)) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n
-           + [cfg.vision_end_token_id] + list(rng.integers(1, 1000, text_tokens - text_tokens // 2)))
+    row = (list(rng.integers(1, top, text_tokens // 2)) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n
+           + [cfg.vision_end_token_id] + list(rng.integers(1, top, text_tokens - text_tokens // 2)))
     rows.append(row)
   T = max(map(len, rows))
   ids = np.zeros((len(rows), T), np.int64)

@@ -58,7 +58,7 @@ def measure(hf_config, image_size, text_tokens, completion, B, G, repeats):
   pixels, grid = common.random_images([(image_size, image_size)] * B)
   ids, mask, mm = common.prompt_ids(model.cfg, grid, text_tokens)
   rng = np.random.default_rng(0)
-  tokens = rng.integers(1, 1000, (B * G, completion)).astype(np.int64)
+  tokens = rng.integers(1, min(1000, model.cfg.text.vocab_size - 8), (B * G, completion)).astype(np.int64)
   cmask = np.ones((B * G, completion), np.int64)
   adv = np.repeat(rng.normal(size=(B * G, 1)), completion, 1).astype(np.float32)
 

@@ -80,7 +80,7 @@ def run(cfg: experiment.Config) -> dict:
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
   # The k3 KL term's reference is the policy at the start of RL, a frozen copy (the live params are donated).
   ref_params = jax.tree.map(jnp.copy, state.params) if cfg.algo.kl_coef > 0 else None
-  credit_fn = credit.make_credit_fn(cfg.credit, model_cfg, tokenizer, G)
+  credit_fn = credit.make_batch_credit_fn(cfg.credit, model_cfg, tokenizer, G, fmt=fmt)
 
   # ================================================================================= Evaluate before
   def evaluate_now(state):
@@ -147,13 +147,18 @@ def run(cfg: experiment.Config) -> dict:
       rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
       adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=cfg.algo.advantage),
                                            mask_NT)
-      mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT)
-      adv_NT, credit_metrics, dep_map = credit_fn(state, mb, logp_old, adv_NT)
+      mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT, answers=batch.answers)
       prepared.append(dict(prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, logp_ref=logp_ref,
                            entropy=entropy,
-                           adv=adv_NT, credit=credit_metrics, dep=dep_map,
+                           adv=adv_NT, mb=mb,
                            scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
                            answers=batch.answers))
+    credit_metrics, dep_map = {}, None
+    if prepared:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps
+      advs, credit_metrics, dep_map = credit_fn(state, [d["mb"] for d in prepared], [d["logp_old"] for d in prepared],
+                                                [d["adv"] for d in prepared])
+      for d, adv_NT in zip(prepared, advs):
+        d["adv"] = adv_NT
     times["score"] = time.time() - ts
 
     # ---- update: epochs x minibatches, micro-batches accumulated into each update
@@ -185,9 +190,7 @@ def run(cfg: experiment.Config) -> dict:
       adv_all = np.concatenate([np.asarray(d["adv"])[np.asarray(d["mask"]) > 0] for d in prepared])
       agg["adv/mean"], agg["adv/std"] = float(adv_all.mean()), float(adv_all.std())
       agg["adv/abs_max"] = float(np.abs(adv_all).max()) if adv_all.size else 0.0
-      for d in prepared:
-        for k, v in d["credit"].items():
-          agg[k] = agg.get(k, 0.0) + float(v) / len(prepared)
+      agg.update(credit_metrics)
     agg.update({f"dynamic_sampling/{k}": float(v) for k, v in dataclasses.asdict(ds_stats).items()})
     agg.update({f"time/{k}": v for k, v in times.items()})
     agg["time/step"] = time.time() - t0
@@ -196,7 +199,7 @@ def run(cfg: experiment.Config) -> dict:
     if "dependency/mean_image_prompts" in agg and guard.update(agg["dependency/mean_image_prompts"]):
       agg["dependency/guard_fired"] = 1.0
     reward_curve.append(agg["reward/overall"])
-    writer.write(step, agg, histograms={f"dependency/{k}": v for d in prepared for k, v in (d["dep"] or {}).items()})
+    writer.write(step, agg, histograms={f"dependency/{k}": v for k, v in (dep_map or {}).items()})
     samples = [{"prompt_id": batch.ids[n // G], "answer": batch.answers[n // G], "completion": texts[n], **scores[n]}
                for batch, _, texts, scores in drawn[:1] for n in range(min(cfg.train.samples_logged, len(texts)))]
     writer.write_samples(step, samples)
