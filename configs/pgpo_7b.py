@@ -1,6 +1,6 @@
 r"""PGPO on Qwen2.5-VL-7B-Instruct with the paper's recipe (methods.md section 2.3; DAPO base, ViRL39K, 2 epochs).
 
-  python -m jaxvg.train --config configs/pgpo_3b.py \
+  python -m jaxvg.train --config configs/pgpo_7b.py \
       [--set model.hf_path=... --set data.path=... --set data.eval_path=...]
 
 Local files (placeholders; nothing is downloaded):
@@ -20,32 +20,24 @@ threshold, mass normalization on. 2 epochs of 38,870 prompts at 384 per step = 2
 and a 4096-token prompt limit follow the unofficial reimplementation. The paper reports avg@8 at temperature 1.0
 (PAPO protocol); run the evaluation CLI for that, the in-loop evaluation here is one sample per prompt.
 
-The paper's 7B DAPO baseline collapses (entropy explosion) and is reported at its best pre-collapse checkpoint, step
+Everything but the checkpoint follows configs/pgpo_3b.py. The paper's 7B DAPO baseline collapses (entropy explosion) and is reported at its best pre-collapse checkpoint, step
 190 of 202; watch the entropy metric.
 
 The train loop scores and updates one drawn prompt batch per micro-batch, so 128 prompts x 5 samples of up to
 4096 + 2048 tokens must fit the mesh (bf16 compute, remat on).
 """
 
-from jaxvg.experiment import AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
-from jaxvg.optim import OptimConfig
+import dataclasses
+import os
+
+from jaxvg.config_lib import load_config
+from jaxvg.experiment import Config
 
 
 def get_config() -> Config:
-  return Config(
-      model=ModelCfg(hf_path="checkpoints/Qwen2.5-VL-7B-Instruct", preset="qwen2.5-vl-7b", dtype="bfloat16",
-                     param_dtype="float32", remat=True, seed=0),
-      data=DataCfg(source="verl", path="data/virl39k/train.parquet", eval_path="data/mmk12/test.parquet",
-                   prompt_format="pgpo", prompts_per_batch=128, max_prompt_tokens=4096, min_pixels=200_704,
-                   max_pixels=1_003_520, length_buckets=(512, 1024, 2048, 4096),
-                   patch_buckets=(32_768, 131_072, 327_680, 655_360), max_images=1, seed=0),
-      rollout=RolloutCfg(group_size=5, max_new_tokens=2048, temperature=1.0, top_p=0.99, top_k=0),
-      algo=AlgoCfg(name="dapo", advantage="grpo", dynamic_sampling=True, ds_low=0.01, ds_high=0.99, ds_max_tries=8,
-                   kl_coef=0.0, entropy_coef=0.0, epochs=1, minibatches=3),
-      credit=CreditCfg(method="pgpo", counterfactual="mask_visual", tau=0.4, beta=2.0, threshold_mode="absolute",
-                       low_weight_floor=0.0, mass_normalize=True),
-      optim=OptimConfig(lr=1e-6, schedule="constant", warmup_steps=0, weight_decay=1e-2, clip_norm=1.0,
-                        freeze_vision=False),
-      sft=SFTCfg(steps=0),
-      train=TrainCfg(steps=202, seed=0, out_dir="runs/pgpo_7b", eval_every=0, eval_greedy=False, samples_logged=4),
+  cfg = load_config(os.path.join(os.path.dirname(__file__), "pgpo_3b.py"))
+  return dataclasses.replace(
+      cfg,
+      model=dataclasses.replace(cfg.model, hf_path="checkpoints/Qwen2.5-VL-7B-Instruct", preset="qwen2.5-vl-7b"),
+      train=dataclasses.replace(cfg.train, out_dir="runs/pgpo_7b"),
   )

@@ -1,6 +1,7 @@
 """Config overrides (errors name the key) and the optimizer's per-tower rules and non-finite guard."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +87,17 @@ def test_non_finite_gradient_skips_the_update():
 def test_unknown_schedule_is_an_error():
   with pytest.raises(ValueError, match="optim.schedule='warmup-cosine'"):
     optim.schedule(optim.OptimConfig(schedule="warmup-cosine"))
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")))
+def test_every_shipped_config_loads_and_names_valid_choices(name):
+  from jaxvg import credit, losses, prompts
+  cfg = config_lib.load_config(os.path.join(CONFIGS, name))
+  assert isinstance(cfg, experiment.Config)
+  prompts.get_format(cfg.data.prompt_format)
+  credit.counterfactuals_needed(cfg.credit)
+  losses.preset(cfg.algo.name, **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
+  optim.schedule(cfg.optim)
