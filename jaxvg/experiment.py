@@ -100,6 +100,9 @@ class TrainCfg:
   eval_every: int = 0               # 0: evaluate only before and after
   eval_greedy: bool = True
   samples_logged: int = 4           # rollouts written to samples.jsonl per step
+  save_every: int = 1               # checkpoint interval in RL steps (params, optimizer, RNG, data position)
+  keep_checkpoints: int = 2
+  resume: bool = True               # continue from the newest readable checkpoint in out_dir/checkpoints
 
 
 @dataclasses.dataclass(frozen=True)

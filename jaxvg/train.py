@@ -88,16 +88,28 @@ def run(cfg: experiment.Config) -> dict:
                              reward_fn=reward_fn, max_new_tokens=cfg.rollout.max_new_tokens,
                              stop_token_ids=stop_ids, greedy=cfg.train.eval_greedy)
 
-  acc_before = evaluate_now(state)
+  # ================================================================================= Resume, or evaluate before
+  key = jax.random.key(cfg.train.seed)
+  data_iter = iter(train_data)
+  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints,
+                                 save_interval_steps=cfg.train.save_every)
+  stop = checkpoint.install_sigterm_handler()
+  start, reward_curve = 0, []
+  if cfg.train.resume and ckpt.latest_step() is not None:
+    restored = ckpt.restore(None, state)
+    state, key, start = restored.state, restored.rng, restored.step + 1
+    data_iter.set_state(restored.data_state)
+    run_info = ckpt.config(restored.step)
+    acc_before, reward_curve = run_info["accuracy_before"], list(run_info["reward_curve"])
+    log.info("resumed from step %d of %s", restored.step, ckpt.directory)
+  else:
+    acc_before = evaluate_now(state)
   log.info("accuracy before: %.4f", acc_before)
 
   # ================================================================================= RL loop
-  key = jax.random.key(cfg.train.seed)
-  data_iter = iter(train_data)
   guard = credit.DependencyGuard()
   progress = metrics.Progress(cfg.train.steps, desc=cfg.algo.name, enabled=lead)
-  reward_curve = []
-  for step in range(cfg.train.steps):
+  for step in range(start, cfg.train.steps):
     t0 = time.time()
     times = {"sample": 0.0, "reward": 0.0}
 
@@ -206,7 +218,17 @@ def run(cfg: experiment.Config) -> dict:
     progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
     if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
       writer.write(step, {"eval/accuracy": evaluate_now(state)})
+
+    # ---- checkpoint (asynchronous); on SIGTERM (preemption, maintenance) save now and leave
+    preempted = checkpoint.should_stop(stop)
+    run_info = {"config": config_lib.to_dict(cfg), "accuracy_before": acc_before, "reward_curve": reward_curve}
+    ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=run_info, force=preempted)
+    if preempted:
+      ckpt.close()
+      log.warning("stopped by a signal after step %d; the checkpoint is in %s", step, ckpt.directory)
+      sys.exit(0)
   progress.close()
+  ckpt.close()
 
   # ================================================================================= Evaluate after, save
   acc_after = evaluate_now(state)
