@@ -61,6 +61,9 @@ PREPROCESSOR_CONFIG = {
 CORPUS_SEED = 20240601  # not the dataset's default seed: the tokenizer never reads the evaluation records
 CORPUS_RECORDS = {"train": 400, "test": 50, "prior_conflict": 150}
 BPE_VOCAB_SIZE = 1002  # + 22 special tokens = 1024 ids
+# The formats whose texts trained the shipped BPE (a fixed list: a format added later, such as "raw" whose pieces are
+# all in these, must not silently change the shipped assets).
+CORPUS_FORMATS = ("pgpo", "vgs", "vigos", "vigos_reasoning_teacher", "vigos_reference_teacher")
 
 
 def tokenizer_corpus(*, seed: int = CORPUS_SEED, records: dict[str, int] | None = None) -> list[str]:
@@ -75,7 +78,7 @@ def tokenizer_corpus(*, seed: int = CORPUS_SEED, records: dict[str, int] | None 
     for index in range(count):
       record = synthetic.make_record(index, split=split, cfg=cfg)
       texts += ["system\n", "user\n", "assistant\n", record["problem"].replace(prompts.IMAGE_PLACEHOLDER, "")]
-      for fmt in prompts.FORMATS.values():
+      for fmt in map(prompts.get_format, CORPUS_FORMATS):
         for message in prompts.build_messages(record["problem"], fmt=fmt, reference=record["answer"]):
           entries = message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}]
           texts += [entry["text"] for entry in entries if "text" in entry]
