@@ -60,12 +60,19 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
 
 
 def forward_flops(cfg, *, tokens: int, patches: int, batch: int = 1) -> float:
-  """Matmul FLOPs of one forward (dense attention over all keys, as computed), for `batch` rows of `tokens`."""
+  """Matmul FLOPs of one forward as computed, for `batch` rows of `tokens` and `patches` patches per row.
+
+  Decoder attention is dense over all T keys; vision attention is dense over the image in the full-attention blocks
+  and covers 3 windows' worth of keys per query in the windowed ones (the chunked layout of jaxvg.models.vision).
+  """
   t, v = cfg.text, cfg.vision
   D, F, N, K, H, V = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim, t.vocab_size
   per_tok = t.num_layers * (2 * D * (N + 2 * K) * H + 2 * N * H * D + 6 * D * F + 4 * tokens * N * H) + 2 * D * V
   E, VF, M = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
-  per_patch = 2 * v.patch_dim * E + v.depth * (8 * E * E + 6 * E * VF + 4 * patches * E)
+  full = len(v.fullatt_block_indexes)
+  window_keys = 3 * (v.window_size // v.patch_size) ** 2
+  per_patch = (2 * v.patch_dim * E + v.depth * (8 * E * E + 6 * E * VF)
+               + 4 * E * (full * patches + (v.depth - full) * min(window_keys, patches)))
   merger = (patches // v.merge_unit) * (2 * M * M + 2 * M * D)
   return batch * (tokens * per_tok + patches * per_patch + merger)
 

@@ -6,6 +6,7 @@ or an image. Any number of images of any sizes fit in one call.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +39,45 @@ class VisionInputs:
                jnp.asarray(layout.window_seg_P), jnp.asarray(layout.image_seg_P))
 
 
+def _image_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P):
+  """Attention among the patches of each image (frame): dense over P with a segment mask."""
+  del window_seg_P
+  mask_PP = image_seg_P[:, None] == image_seg_P[None, :]
+  return layers.attention(q_PNH[None], k_PNH[None], v_PNH[None], mask_PP[None])[0]
+
+
+def _window_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P, *, window: int):
+  """Attention inside each window, in O(P * window) rather than O(P^2).
+
+  In window order every window is a contiguous run of at most `window` patches, so it lies within three consecutive
+  chunks of `window` patches: each chunk's queries attend to the keys of the chunk before, itself and the one after,
+  masked to their own window. Padding keys at the ends carry segment -1, which no patch has.
+  """
+  del image_seg_P
+  P, N, H = q_PNH.shape
+  M = window
+  pad = -P % M
+  C = (P + pad) // M
+  chunk = lambda a, fill: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill).reshape(
+      (C, M) + a.shape[1:])
+  around = lambda a, fill: jnp.concatenate(  # [C, M, ...] -> [C, 3M, ...]: previous, own and next chunk
+      [jnp.pad(a, [(1, 1)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)[i:i + C] for i in range(3)], axis=1)
+  q_CMNH = chunk(q_PNH, 0)
+  seg_CM = chunk(window_seg_P, -1)
+  k_CSNH, v_CSNH, seg_CS = around(chunk(k_PNH, 0), 0), around(chunk(v_PNH, 0), 0), around(seg_CM, -1)
+  mask_CMS = (seg_CM[:, :, None] == seg_CS[:, None, :]) & (seg_CM[:, :, None] >= 0)
+  out_CMNH = layers.attention(q_CMNH, k_CSNH, v_CSNH, mask_CMS)
+  return out_CMNH.reshape(C * M, N, H)[:P]
+
+
 class VisionTower(nnx.Module):
   """ViT with window attention (full attention in `fullatt_block_indexes`) and a 2x2 merger to the decoder width."""
 
   def __init__(self, cfg: VisionConfig, out_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, remat: bool = False):
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    # The longest window in patches: (window_size / patch_size)^2, e.g. 8 x 8 = 64 for 112-pixel windows.
+    self.window_len = (cfg.window_size // cfg.patch_size) ** 2
     L, E, F, N, H, X = (cfg.depth, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim,
                         cfg.patch_dim)
     M = E * cfg.merge_unit
@@ -71,7 +105,7 @@ class VisionTower(nnx.Module):
     self.merger_fc2_MD = p((M, out_dim), ("vision_merge", "embed"))
     self.merger_fc2_bias_D = p((out_dim,), ("embed",), "zeros")
 
-  def _block(self, x_PE, blk, cos_PH, sin_PH, mask_PP):
+  def _block(self, x_PE, blk, cos_PH, sin_PH, is_full, vis: VisionInputs):
     cfg, dt = self.cfg, self.dtype
     h_PE = layers.rms_norm(x_PE, blk["norm1"], cfg.rms_norm_eps)
     q_PNH = jnp.einsum("PE,ENH->PNH", h_PE, blk["q"].astype(dt)) + blk["q_bias"].astype(dt)
@@ -79,7 +113,9 @@ class VisionTower(nnx.Module):
     v_PNH = jnp.einsum("PE,ENH->PNH", h_PE, blk["v"].astype(dt)) + blk["v_bias"].astype(dt)
     q_PNH = layers.apply_rope(q_PNH, cos_PH, sin_PH)
     k_PNH = layers.apply_rope(k_PNH, cos_PH, sin_PH)
-    o_PNH = layers.attention(q_PNH[None], k_PNH[None], v_PNH[None], mask_PP[None])[0]
+    # Only one branch runs: per-image attention in the full-attention blocks, windowed attention elsewhere.
+    o_PNH = jax.lax.cond(is_full, _image_attention, functools.partial(_window_attention, window=self.window_len),
+                         q_PNH, k_PNH, v_PNH, vis.image_seg_P, vis.window_seg_P)
     x_PE = x_PE + jnp.einsum("PNH,NHE->PE", o_PNH, blk["o"].astype(dt)) + blk["o_bias"].astype(dt)
     h_PE = layers.rms_norm(x_PE, blk["norm2"], cfg.rms_norm_eps)
     gate_PF = jnp.einsum("PE,EF->PF", h_PE, blk["gate"].astype(dt)) + blk["gate_bias"].astype(dt)
@@ -96,8 +132,6 @@ class VisionTower(nnx.Module):
     x_PE = to_window_order(x_PE)
     cos_PH, sin_PH = layers.vision_cos_sin(vis.rope_hw_P2, cfg.head_dim, cfg.rope_theta)
     cos_PH, sin_PH = to_window_order(cos_PH), to_window_order(sin_PH)
-    window_mask_PP = vis.window_seg_P[:, None] == vis.window_seg_P[None, :]
-    image_mask_PP = vis.image_seg_P[:, None] == vis.image_seg_P[None, :]
     is_full_L = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
     blocks = {
         "norm1": self.norm1_LE[...], "q": self.q_LENH[...], "k": self.k_LENH[...], "v": self.v_LENH[...],
@@ -109,8 +143,7 @@ class VisionTower(nnx.Module):
 
     def body(x_PE, xs):
       blk, is_full = xs
-      mask_PP = jnp.where(is_full, image_mask_PP, window_mask_PP)
-      return self._block(x_PE, blk, cos_PH, sin_PH, mask_PP), None
+      return self._block(x_PE, blk, cos_PH, sin_PH, is_full, vis), None
 
     if self.remat:
       body = jax.checkpoint(body)
