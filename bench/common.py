@@ -46,17 +46,13 @@ def save_torch_twin(hf_config, seed: int = 0):
   return model, path
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
-  """The machine's float32 matmul rate (GFLOP/s) measured with XLA on an n x n product."""
+def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
+  """The machine's float32 matmul rate (GFLOP/s): the best of `repeats` timed n x n products under XLA."""
   import jax
   import jax.numpy as jnp
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(repeats):
-    f(a).block_until_ready()
-  return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+  return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), repeats) / 1e9
 
 
 def forward_flops(cfg, *, tokens: int, patches: int, batch: int = 1) -> float:
