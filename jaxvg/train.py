@@ -12,12 +12,11 @@ import logging
 import os
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import types
 
 from jaxvg import advantages as adv_lib
 from jaxvg import builders, checkpoint, config_lib, credit, dynamic_sampling, evaluate, experiment, losses, metrics
