@@ -105,7 +105,7 @@ class VisionTower(nnx.Module):
     self.merger_fc2_MD = p((M, out_dim), ("vision_merge", "embed"))
     self.merger_fc2_bias_D = p((out_dim,), ("embed",), "zeros")
 
-  def _block(self, x_PE, blk, cos_PH, sin_PH, is_full, vis: VisionInputs):
+  def _block(self, x_PE, blk, cos_PH, sin_PH, attend, vis: VisionInputs):
     cfg, dt = self.cfg, self.dtype
     h_PE = layers.rms_norm(x_PE, blk["norm1"], cfg.rms_norm_eps)
     q_PNH = jnp.einsum("PE,ENH->PNH", h_PE, blk["q"].astype(dt)) + blk["q_bias"].astype(dt)
@@ -113,9 +113,7 @@ class VisionTower(nnx.Module):
     v_PNH = jnp.einsum("PE,ENH->PNH", h_PE, blk["v"].astype(dt)) + blk["v_bias"].astype(dt)
     q_PNH = layers.apply_rope(q_PNH, cos_PH, sin_PH)
     k_PNH = layers.apply_rope(k_PNH, cos_PH, sin_PH)
-    # Only one branch runs: per-image attention in the full-attention blocks, windowed attention elsewhere.
-    o_PNH = jax.lax.cond(is_full, _image_attention, functools.partial(_window_attention, window=self.window_len),
-                         q_PNH, k_PNH, v_PNH, vis.image_seg_P, vis.window_seg_P)
+    o_PNH = attend(q_PNH, k_PNH, v_PNH, vis.image_seg_P, vis.window_seg_P)
     x_PE = x_PE + jnp.einsum("PNH,NHE->PE", o_PNH, blk["o"].astype(dt)) + blk["o_bias"].astype(dt)
     h_PE = layers.rms_norm(x_PE, blk["norm2"], cfg.rms_norm_eps)
     gate_PF = jnp.einsum("PE,EF->PF", h_PE, blk["gate"].astype(dt)) + blk["gate_bias"].astype(dt)
@@ -132,7 +130,6 @@ class VisionTower(nnx.Module):
     x_PE = to_window_order(x_PE)
     cos_PH, sin_PH = layers.vision_cos_sin(vis.rope_hw_P2, cfg.head_dim, cfg.rope_theta)
     cos_PH, sin_PH = to_window_order(cos_PH), to_window_order(sin_PH)
-    is_full_L = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
     blocks = {
         "norm1": self.norm1_LE[...], "q": self.q_LENH[...], "k": self.k_LENH[...], "v": self.v_LENH[...],
         "q_bias": self.q_bias_LNH[...], "k_bias": self.k_bias_LNH[...], "v_bias": self.v_bias_LNH[...],
@@ -141,13 +138,24 @@ class VisionTower(nnx.Module):
         "up_bias": self.up_bias_LF[...], "down": self.down_LFE[...], "down_bias": self.down_bias_LE[...],
     }
 
-    def body(x_PE, xs):
-      blk, is_full = xs
-      return self._block(x_PE, blk, cos_PH, sin_PH, is_full, vis), None
+    # Consecutive blocks of one kind run under one scan: windowed attention, or per-image attention in the
+    # full-attention blocks. The kind is static, so each compiled body holds one attention (no device-side branch).
+    full = set(cfg.fullatt_block_indexes)
+    runs = []
+    for l in range(cfg.depth):
+      if runs and runs[-1][2] == (l in full):
+        runs[-1][1] = l + 1
+      else:
+        runs.append([l, l + 1, l in full])
+    for start, end, is_full in runs:
+      attend = _image_attention if is_full else functools.partial(_window_attention, window=self.window_len)
 
-    if self.remat:
-      body = jax.checkpoint(body)
-    x_PE, _ = jax.lax.scan(body, x_PE, (blocks, is_full_L))
+      def body(x_PE, blk, attend=attend):
+        return self._block(x_PE, blk, cos_PH, sin_PH, attend, vis), None
+
+      if self.remat:
+        body = jax.checkpoint(body)
+      x_PE, _ = jax.lax.scan(body, x_PE, jax.tree.map(lambda a: a[start:end], blocks))
     h_PE = layers.rms_norm(x_PE, self.merger_norm_E[...], cfg.rms_norm_eps)
     h_QM = h_PE.reshape(P // unit, unit * cfg.hidden_size)
     h_QM = jnp.einsum("QM,MN->QN", h_QM, self.merger_fc1_MM[...].astype(dt)) + self.merger_fc1_bias_M[...].astype(dt)
