@@ -89,7 +89,7 @@ def tokenizer_corpus(*, seed: int = CORPUS_SEED, records: dict[str, int] | None 
 def train_tokenizer(texts: list[str], *, vocab_size: int = BPE_VOCAB_SIZE):
   """A Qwen2-style tokenizer (transformers Qwen2Tokenizer) with a BPE of at most `vocab_size` ids trained on `texts`,
   then the Qwen2.5-VL special tokens and chat template."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
   from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
   if vocab_size < 257:

@@ -5,7 +5,6 @@ outputs of transformers' processor (numpy arrays): it computes positions and the
 runs one jitted forward.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
