@@ -60,14 +60,17 @@ def _mrope_section(head_dim: int) -> tuple[int, int, int]:
 def build_model(cfg: ModelCfg, data: DataCfg):
   """(tokenizer, Qwen25VL): loaded from `cfg.hf_path`, or random with the shipped (or named) tokenizer."""
   if cfg.hf_path:
-    tokenizer = load_tokenizer(data.tokenizer or cfg.hf_path)
-    model = load_hf(cfg.hf_path, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat)
-    return tokenizer, model
+    return load_tokenizer(data.tokenizer or cfg.hf_path), load_model(cfg.hf_path, cfg)
   tokenizer = load_tokenizer(data.tokenizer)
   mcfg = model_config_for(cfg, tokenizer)
   model = Qwen25VL(mcfg, rngs=nnx.Rngs(cfg.seed), dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                    remat=cfg.remat)
   return tokenizer, model
+
+
+def load_model(path: str, cfg: ModelCfg) -> Qwen25VL:
+  """A Qwen2.5-VL from a local HF directory, with `cfg`'s dtypes and remat."""
+  return load_hf(path, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat)
 
 
 def prompt_format(data: DataCfg) -> prompts.PromptFormat:
@@ -79,10 +82,11 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
   return tuple(sorted({ids["<|im_end|>"], ids["<|endoftext|>"]}))
 
 
-def prompt_config(data: DataCfg, *, counterfactuals=()) -> processing.PromptConfig:
+def prompt_config(data: DataCfg, *, counterfactuals=(), contexts=()) -> processing.PromptConfig:
   return processing.PromptConfig(prompt_format=data.prompt_format, min_pixels=data.min_pixels,
                                  max_pixels=data.max_pixels, max_prompt_tokens=max(data.length_buckets),
-                                 max_images=data.max_images, counterfactuals=tuple(counterfactuals))
+                                 max_images=data.max_images, counterfactuals=tuple(counterfactuals),
+                                 contexts=tuple(contexts))
 
 
 def source(data: DataCfg, split: str):
@@ -110,9 +114,9 @@ def data_config(data: DataCfg, *, shuffle: bool = True, num_epochs=None) -> pipe
                              length_buckets=data.length_buckets, patch_buckets=data.patch_buckets)
 
 
-def make_train_data(data: DataCfg, tokenizer, model_cfg: ModelConfig, *, counterfactuals=()):
+def make_train_data(data: DataCfg, tokenizer, model_cfg: ModelConfig, *, counterfactuals=(), contexts=()):
   return pipeline.make_dataset(source(data, "train"), tokenizer=tokenizer,
-                               prompt=prompt_config(data, counterfactuals=counterfactuals),
+                               prompt=prompt_config(data, counterfactuals=counterfactuals, contexts=contexts),
                                data=data_config(data), vision=model_cfg.vision)
 
 

@@ -62,12 +62,18 @@ def _prompt(p) -> PromptInputs:
   return PromptInputs(p.input_ids_BT, p.attention_mask_BT, p.positions_3BT, p.next_position_B, p.vision)
 
 
-def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = None):
-  """Runs (or reuses) `cfg.sft.steps` supervised steps and returns the trained model."""
+def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = None, *, name: str = "sft",
+               origin: str = "init"):
+  """Runs (or reuses) `cfg.sft.steps` supervised steps from `model` and returns the trained model.
+
+  The result is saved in out_dir/<name> and reused while the config and `origin` (what `model` holds) are unchanged.
+  The model's arrays are donated to the first step: pass a copy to keep them.
+  """
   graphdef, params = nnx.split(model, nnx.Param)
-  path = os.path.join(cfg.train.out_dir, "sft")
+  path = os.path.join(cfg.train.out_dir, name)
   marker = os.path.join(path, "done.json")
-  signature = {"model": repr(cfg.model), "data": repr(cfg.data), "sft": repr(cfg.sft), "optim": repr(cfg.sft_optim)}
+  signature = {"model": repr(cfg.model), "data": repr(cfg.data), "sft": repr(cfg.sft), "optim": repr(cfg.sft_optim),
+               **({} if origin == "init" else {"origin": origin})}
   if cfg.sft.reuse and os.path.exists(marker):
     with open(marker) as f:
       if json.load(f) == signature:
@@ -76,7 +82,7 @@ def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = Non
   tx = optim.make_optimizer(cfg.sft_optim, params)
   state = update.init_state(model, tx)
   step_fn = jax.jit(lambda s, b: update.sft_step(s, b, tx=tx), donate_argnums=(0,))
-  progress = metrics.Progress(cfg.sft.steps, desc="warm start (SFT)")
+  progress = metrics.Progress(cfg.sft.steps, desc=f"warm start ({name})")
   batches = reference_batches(cfg, tokenizer, model.cfg)
   for step in range(cfg.sft.steps):
     batch, tokens, mask = next(batches)

@@ -19,8 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvg import advantages as adv_lib
-from jaxvg import builders, checkpoint, config_lib, credit, dynamic_sampling, evaluate, experiment, losses, metrics
-from jaxvg import optim, rollout, sft, update
+from jaxvg import (
+  builders,
+  checkpoint,
+  config_lib,
+  credit,
+  distill,
+  dynamic_sampling,
+  evaluate,
+  experiment,
+  losses,
+  metrics,
+  optim,
+  rollout,
+  sft,
+  update,
+)
 from jaxvg import rewards as rewards_lib
 
 log = logging.getLogger("jaxvg")
@@ -50,8 +64,12 @@ def run(cfg: experiment.Config) -> dict:
   # ================================================================================= Model, tokenizer, data
   tokenizer, model = builders.build_model(cfg.model, cfg.data)
   model_cfg = model.cfg
-  counterfactuals = credit.counterfactuals_needed(cfg.credit)
-  train_data = builders.make_train_data(cfg.data, tokenizer, model_cfg, counterfactuals=counterfactuals)
+  distill.validate(cfg)
+  distilling = cfg.distill.method != "none"
+  uses_rl = not distilling or cfg.distill.rl_alpha > 0  # pure distillation needs no old log-probs, no advantages
+  distill_cfs, contexts = distill.prompt_variants(cfg.distill)
+  variants = tuple(dict.fromkeys(credit.counterfactuals_needed(cfg.credit) + distill_cfs))
+  train_data = builders.make_train_data(cfg.data, tokenizer, model_cfg, counterfactuals=variants, contexts=contexts)
   eval_data = builders.make_eval_data(cfg.data, tokenizer, model_cfg)
   fmt = builders.prompt_format(cfg.data)
   reward_fn = rewards_lib.load_reward_fn(cfg.algo.reward_fn)
@@ -77,8 +95,15 @@ def run(cfg: experiment.Config) -> dict:
   policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg),
                         donate_argnums=(0,))
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
-  # The k3 KL term's reference is the policy at the start of RL, a frozen copy (the live params are donated).
-  ref_params = jax.tree.map(jnp.copy, state.params) if cfg.algo.kl_coef > 0 else None
+  # The k3 KL term's reference and the default teacher are the policy at the start of RL: one frozen copy (the live
+  # params are donated), shared by both.
+  needs_initial = cfg.algo.kl_coef > 0 or (distilling and cfg.distill.teacher == "initial")
+  initial = jax.tree.map(jnp.copy, state.params) if needs_initial else None
+  ref_params = initial if cfg.algo.kl_coef > 0 else None
+  teacher = distill.make_teacher(cfg, model, tokenizer, initial)
+  if distilling:
+    teacher_pass = distill.make_teacher_pass(cfg, tokenizer, G, model_cfg.text.vocab_size)
+    distill_step = distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg)
   credit_fn = credit.make_batch_credit_fn(cfg.credit, model_cfg, tokenizer, G, fmt=fmt)
 
   # ================================================================================= Evaluate before
@@ -107,7 +132,8 @@ def run(cfg: experiment.Config) -> dict:
 
   # ================================================================================= RL loop
   guard = credit.DependencyGuard()
-  progress = metrics.Progress(cfg.train.steps, desc=cfg.algo.name, enabled=lead)
+  desc = cfg.algo.name if not distilling else cfg.distill.method if not uses_rl else f"{cfg.algo.name}+{cfg.distill.method}"
+  progress = metrics.Progress(cfg.train.steps, desc=desc, enabled=lead)
   for step in range(start, cfg.train.steps):
     t0 = time.time()
     times = {"sample": 0.0, "reward": 0.0}
@@ -152,7 +178,10 @@ def run(cfg: experiment.Config) -> dict:
       prompt = credit.as_prompt_inputs(batch.prompts)
       tokens_NT = jnp.asarray(rolls.tokens_BT)
       mask_NT = jnp.asarray(np.asarray(rolls.mask_BT) & keep_N[:, None])
-      logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
+      if uses_rl:
+        logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
+      else:
+        logp_old = entropy = jnp.zeros(mask_NT.shape, jnp.float32)
       logp_ref = (score(ref_params, state.graphdef, prompt, tokens_NT, mask_NT, G)[0] if ref_params is not None
                   else jnp.zeros_like(logp_old))
       rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
@@ -164,8 +193,12 @@ def run(cfg: experiment.Config) -> dict:
                            adv=adv_NT, mb=mb,
                            scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
                            answers=batch.answers))
+      if distilling:  # the frozen teachers' pass on these rollouts, once for all epochs
+        contexts_in = {"real": prompt, **{v: credit.counterfactual_inputs(batch.prompts, v)
+                                          for v in distill_cfs + contexts}}
+        prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT))
     credit_metrics, dep_map = {}, None
-    if prepared:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps
+    if prepared and uses_rl:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps
       advs, credit_metrics, dep_map = credit_fn(state, [d["mb"] for d in prepared], [d["logp_old"] for d in prepared],
                                                 [d["adv"] for d in prepared])
       for d, adv_NT in zip(prepared, advs):
@@ -184,7 +217,16 @@ def run(cfg: experiment.Config) -> dict:
           micro = tuple(update.PolicyBatch(d["prompt"], d["tokens"], d["mask"], d["logp_old"], d["adv"],
                                            d["logp_ref"], jnp.asarray(w, jnp.float32))
                         for d, w in zip(parts, weights))
-          state, m = policy_step(state, micro)
+          if distilling:
+            norms = distill.step_normalizers(cfg.distill.method, cfg.distill, [d["mask"] for d in parts],
+                                             [d["teacher"] for d in parts])
+            micro = tuple(distill.DistillBatch(prompt=d["prompt"], prompt_text=d["contexts"].get("no_image"),
+                                               tokens_NT=d["tokens"], mask_NT=d["mask"], teacher=d["teacher"],
+                                               policy=pb if uses_rl else None, **n)
+                          for d, pb, n in zip(parts, micro, norms))
+            state, m = distill_step(state, teacher, micro)
+          else:
+            state, m = policy_step(state, micro)
           step_metrics.append(jax.device_get(m))
     else:
       log.warning("step %d: no informative group was sampled; no update", step)
@@ -197,7 +239,7 @@ def run(cfg: experiment.Config) -> dict:
       agg[f"reward/{name}"] = float(np.mean([s[name] for s in all_scores]))
     lengths = np.concatenate([np.asarray(d[1].lengths_B) for d in drawn])
     agg["response_length"] = float(lengths.mean())
-    if prepared:
+    if prepared and uses_rl:
       adv_all = np.concatenate([np.asarray(d["adv"])[np.asarray(d["mask"]) > 0] for d in prepared])
       agg["adv/mean"], agg["adv/std"] = float(adv_all.mean()), float(adv_all.std())
       agg["adv/abs_max"] = float(np.abs(adv_all).max()) if adv_all.size else 0.0

@@ -72,7 +72,7 @@ def policy_loss_fn(params, graphdef, batch: PolicyBatch, group_size: int, loss_c
   return loss * batch.weight, metrics
 
 
-def _apply(state: TrainState, tx, grads, metrics_list):
+def apply_update(state: TrainState, tx, grads, metrics_list):
   params, opt_state, skipped = optim.guarded_update(tx, grads, state.opt_state, state.params)
   metrics = {k: jnp.mean(jnp.stack([m[k] for m in metrics_list])) for k in metrics_list[0]}
   metrics["grad_norm"] = optax.global_norm(grads)
@@ -91,7 +91,7 @@ def policy_step(state: TrainState, micro: tuple[PolicyBatch, ...], *, tx, group_
                                                                         group_size, loss_cfg)
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     metrics_list.append(metrics)
-  return _apply(state, tx, grads, metrics_list)
+  return apply_update(state, tx, grads, metrics_list)
 
 
 def score_fn(params, graphdef, prompt: scoring.PromptInputs, tokens_NT, mask_NT, group_size: int):
@@ -122,4 +122,4 @@ def sft_loss_fn(params, graphdef, batch: SFTBatch):
 
 def sft_step(state: TrainState, batch: SFTBatch, *, tx):
   (_, metrics), grads = jax.value_and_grad(sft_loss_fn, has_aux=True)(state.params, state.graphdef, batch)
-  return _apply(state, tx, grads, [metrics])
+  return apply_update(state, tx, grads, [metrics])

@@ -20,7 +20,7 @@ and each position of a sequence lists the ids it accepts, because BPE merges tag
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,57 @@ class DescribeReasonFormat:
   description_open: Tag | None = None
   content_ignore_ids: tuple[int, ...] = ()
   require_think_content: bool = False
+
+
+TAG_PREFIXES = ("", " ", "\n")  # the tag alone, and after a space or newline (BPE merges them into its first token)
+
+
+def tag_from_vocab(text: str, *, token_texts: Sequence[str], encode: Callable[[str], list[int]]) -> Tag:
+  """The `Tag` of `text` for a tokenizer: its tokenizations alone and after " " / "\n", each widened at the ends.
+
+  The first position accepts every token whose text is the tag's first piece behind optional whitespace (" </",
+  "\n</"), the last every token that starts with the tag's last piece (">" also matches ">\n", "{" also "{5}").
+  token_texts: the decoded text of every id; encode: text -> ids without special tokens.
+  """
+  strip_ws = [t.lstrip() for t in token_texts]
+  alternatives = set()
+  for prefix in TAG_PREFIXES:
+    ids = encode(prefix + text)
+    pieces = [token_texts[i] for i in ids]
+    if "".join(pieces) != prefix + text:
+      raise ValueError(f"decoding the tokens of {prefix + text!r} gives {''.join(pieces)!r}: token_texts must be the "
+                       "tokenizer's decoded vocabulary")
+    first = pieces[0][len(prefix):].lstrip() if len(pieces[0]) > len(prefix) else None
+    if first is None:  # the prefix is a token of its own: the tag starts at the next one
+      ids, pieces = ids[1:], pieces[1:]
+      first = pieces[0]
+    last = pieces[-1] if len(pieces) > 1 else None
+    positions = []
+    for j, i in enumerate(ids):
+      if j == 0:
+        allowed = [v for v, t in enumerate(strip_ws) if t == first or (len(pieces) == 1 and t.startswith(first))]
+      elif j == len(ids) - 1:
+        allowed = [v for v, t in enumerate(token_texts) if t.startswith(last)]
+      else:
+        allowed = [i]
+      positions.append(tuple(sorted(set(allowed) | {i})))
+    alternatives.add(tuple(positions))
+  return Tag(alternatives=tuple(sorted(alternatives)))
+
+
+def describe_reason_format(token_texts: Sequence[str], encode: Callable[[str], list[int]], *,
+                           ignore_ids: Sequence[int] = (), description_prefilled: bool = True
+                           ) -> DescribeReasonFormat:
+  """The ViGOS format on a tokenizer's ids: </description>, <think>, </think> and \\boxed{ as `tag_from_vocab` tags.
+
+  ignore_ids: ids that are not content (EOS, pad). description_prefilled: the prompt ends with "<description>"
+  (ViGOS); False makes the completion open it.
+  """
+  tag = lambda text: tag_from_vocab(text, token_texts=token_texts, encode=encode)
+  return DescribeReasonFormat(
+      description_close=tag("</description>"), think_open=tag("<think>"), think_close=tag("</think>"),
+      boxed_open=tag("\\boxed{"), description_open=None if description_prefilled else tag("<description>"),
+      content_ignore_ids=tuple(int(i) for i in ignore_ids))
 
 
 def brace_tables(token_texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from jaxvg.models.positions import vision_layout
 from jaxvg.models.vision import VisionInputs
 
 # Which prompt variants carry pixels (and so a vision tower input).
+# Prompt variants that carry pixels; teacher contexts (keyed by their prompt format's name) always do.
 WITH_VISION = {"real": True, "mask_visual": False, "no_image": False, "white_image": True, "image_only": True}
 
 
@@ -132,7 +133,7 @@ def collate(examples: Sequence[Example], *, batch_size: int, length_buckets: Seq
                 pad_id=pad_id, valid_B=valid, spatial_merge_size=spatial_merge_size, window_size=window_size,
                 patch_size=patch_size)
   prompts = collate_prompts([e.prompt for e in examples], with_vision=True, **kwargs)
-  variants = {mode: collate_prompts([e.counterfactuals[mode] for e in examples], with_vision=WITH_VISION[mode],
+  variants = {mode: collate_prompts([e.counterfactuals[mode] for e in examples], with_vision=WITH_VISION.get(mode, True),
                                     **kwargs)
               for mode in examples[0].counterfactuals}
   prompts = dataclasses.replace(prompts, counterfactuals=variants)

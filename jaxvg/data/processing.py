@@ -64,6 +64,9 @@ class PromptConfig:
     max_patches: records with more vision patches in all are rejected as "too_many_patches" (None: no limit; the
       pipeline sets max(patch_buckets) // batch_size).
     counterfactuals: which of COUNTERFACTUALS to build next to the real prompt.
+    contexts: prompt format names (`jaxvg.prompts.FORMATS`) to build next to the real prompt with the same images
+      and the record's answer as the reference: the privileged contexts of distillation teachers (OPSD, ViGOS).
+      They travel in `Example.counterfactuals` under the format's name.
   """
 
   prompt_format: str | prompts.PromptFormat = "pgpo"
@@ -76,6 +79,7 @@ class PromptConfig:
   max_images: int = 8
   max_patches: int | None = None
   counterfactuals: tuple[str, ...] = ()
+  contexts: tuple[str, ...] = ()
 
   def __post_init__(self):
     if isinstance(self.prompt_format, str):
@@ -83,6 +87,8 @@ class PromptConfig:
     unknown = [c for c in self.counterfactuals if c not in COUNTERFACTUALS]
     if unknown:
       raise ValueError(f"unknown counterfactuals {unknown}; choose from {COUNTERFACTUALS}")
+    for name in self.contexts:
+      prompts.get_format(name)  # a ValueError naming the unknown format
     if self.min_pixels > self.max_pixels:
       raise ValueError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
 
@@ -327,6 +333,14 @@ def process_record(processor: Processor, record: dict) -> Example:
       else:  # nothing to keep: an empty user turn
         text = render(processor.tokenizer, [{"role": "user", "content": []}], "")
         variants[mode] = make_prompt(processor, text, None, no_grid)
+  for name in cfg.contexts:
+    context_fmt = prompts.get_format(name)
+    text = render(processor.tokenizer, prompts.build_messages(problem, fmt=context_fmt, reference=answer),
+                  context_fmt.prefill)
+    variants[name] = make_prompt(processor, text, pixel_values, grid)
+    if len(variants[name].input_ids_T) > cfg.max_prompt_tokens:
+      raise RecordError("prompt_too_long", f"the {name} context has {len(variants[name].input_ids_T)} tokens > "
+                        f"{cfg.max_prompt_tokens}")
   return Example(id=str(record.get("id", "")), source=str(record.get("source", "")), answer=answer, prompt=prompt,
                  counterfactuals=variants)
 

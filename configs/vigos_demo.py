@@ -1,0 +1,29 @@
+r"""ViGOS on the demo: describe the image, then reason, taught by three frozen teachers (methods.md 4.2 and 8).
+
+  python -m jaxvg.train --config configs/vigos_demo.py
+
+The student answers in the ViGOS format (`<description>` prefilled, then `</description> <think> ... </think>
+\boxed{}`), warm-started on the synthetic reference solutions rendered in that format; the teachers are that warm
+start continued for 300 more supervised steps, each in its own context: image only (perception, forward KL on the
+description span), the privileged reasoning prompt followed by only the student's reasoning and answer tokens
+(forward KL on T_r u T_a), the privileged full-format prompt (reverse KL on every token of invalid rollouts).
+Per-token KL clamped at 0.05, lambda 1 / 1 / 2, token means over the step's active-token counts.
+"""
+
+import dataclasses
+import os
+
+from jaxvg import config_lib
+from jaxvg.experiment import Config, DistillCfg
+
+
+def get_config() -> Config:
+  base = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "opd_demo.py"))
+  return dataclasses.replace(
+      base,
+      data=dataclasses.replace(base.data, prompt_format="vigos", length_buckets=(96, 128, 256, 384)),
+      rollout=dataclasses.replace(base.rollout, max_new_tokens=128),
+      distill=DistillCfg(method="vigos", teacher="initial", teacher_sft_steps=300, max_token_value=0.05,
+                         lambda_perception=1.0, lambda_reasoning=1.0, lambda_reference=2.0),
+      train=dataclasses.replace(base.train, out_dir="runs/vigos_demo"),
+  )

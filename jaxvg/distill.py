@@ -1,0 +1,337 @@
+"""On-policy distillation in the training loop: frozen teachers, their scoring pass, and the distillation step.
+
+  opd    the teacher in the student's own context (image + question), reverse KL by default (VGS's l_Standard).
+  opsd   the teacher in a privileged context (`teacher_context`: the reference answer in the prompt), forward KL.
+  vigos  the perception teacher (image_only) on the description span, the reasoning teacher (privileged; sees only the
+         student's reasoning + answer tokens) on T_r u T_a, the reference teacher (privileged, full format) on invalid
+         rollouts; per-token KL clamped at 0.05, lambda 1 / 1 / 2 (methods.md 4.2 and 8).
+  vgs    eta [l_Std + gamma l_Vis + lambda l_LP], the student and the teacher each in the image and the no_image
+         context, Q_0.7 of the teacher's VDS over the whole step (methods.md 5 and 8).
+
+A step has two stages, like the RL loop's score -> update:
+  1. `teacher_pass` (jitted, no gradient), per micro-batch: the teachers' hidden states on the completion grid
+     [N, T, D] (position t predicts completion token t), plus what the step's normalizers and thresholds need (the
+     ViGOS spans, the VGS VDS).
+  2. `distill_step` (jitted): the student's passes, every loss normalized by the whole step's counts (so micro-batch
+     losses add up to the step's), summed gradients, one guarded optax update. With rl_alpha > 0 the algo's policy
+     loss is mixed in: alpha * L_distill + (1 - alpha) * L_RL (VGS Eq. 22).
+
+Teachers are parameter pytrees, `Teacher(graphdef, params)`: the policy at the start of RL (the same arrays as the KL
+reference, no second copy) or another Qwen2.5-VL from its own HF directory (same vocabulary), placed like the policy.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvg import builders, divergences, losses, prompts, sft, update, vgs, vigos
+from jaxvg.data.tokenizer import special_token_ids
+from jaxvg.experiment import Config, DistillCfg
+from jaxvg.scoring import PromptInputs, completion_hidden, token_logps
+
+METHODS = ("none", "opd", "opsd", "vigos", "vgs")
+REASONING_CONTEXT, REFERENCE_CONTEXT = "vigos_reasoning_teacher", "vigos_reference_teacher"
+
+
+@flax.struct.dataclass
+class Teacher:
+  """A frozen model: its graph and parameter pytree (never updated, never donated)."""
+  graphdef: Any = flax.struct.field(pytree_node=False)
+  params: Any
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.params)
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+
+def validate(cfg: Config):
+  """Raises ValueError naming the field when the distillation config cannot run."""
+  d = cfg.distill
+  if d.method not in METHODS:
+    raise ValueError(f"distill.method={d.method!r}: choose one of {METHODS}")
+  if d.method == "none":
+    return
+  if not 0.0 <= d.rl_alpha <= 1.0:
+    raise ValueError(f"distill.rl_alpha={d.rl_alpha} must lie in [0, 1]")
+  if d.rl_alpha == 0.0 and cfg.algo.dynamic_sampling:
+    raise ValueError("pure distillation (distill.rl_alpha=0) uses every rollout: set algo.dynamic_sampling=False")
+  if d.rl_alpha == 0.0 and cfg.credit.method != "none":
+    raise ValueError(f"credit.method={cfg.credit.method!r} reweights RL advantages; pure distillation "
+                     "(distill.rl_alpha=0) has none: set credit.method='none' or distill.rl_alpha > 0")
+  if d.aggregation not in divergences.AGGREGATIONS:
+    raise ValueError(f"distill.aggregation={d.aggregation!r}: choose one of {divergences.AGGREGATIONS}")
+  if d.teacher_sft_steps and d.teacher != "initial":
+    raise ValueError("distill.teacher_sft_steps continues the student's warm start: it needs distill.teacher='initial'")
+  if d.method in ("opd", "opsd"):
+    divergence_config(d)
+  if d.method == "opsd":
+    teacher_fmt, student_fmt = prompts.get_format(d.teacher_context), prompts.get_format(cfg.data.prompt_format)
+    if teacher_fmt.prefill != student_fmt.prefill:
+      raise ValueError(f"distill.teacher_context={d.teacher_context!r} prefills {teacher_fmt.prefill!r} but the "
+                       f"student's format {student_fmt.name!r} prefills {student_fmt.prefill!r}: the teacher must "
+                       "score the same completion tokens")
+  if d.method == "vigos":
+    if cfg.data.prompt_format != "vigos":
+      raise ValueError(f"distill.method='vigos' needs data.prompt_format='vigos', got {cfg.data.prompt_format!r}")
+    vigos_config(d)
+  if d.method == "vgs":
+    vgs_config(d)
+
+
+def divergence_config(d: DistillCfg) -> divergences.DivergenceConfig:
+  return divergences.DivergenceConfig(kind=d.divergence, beta=d.beta, entry_clip=d.entry_clip,
+                                      max_token_value=d.max_token_value)
+
+
+def vigos_config(d: DistillCfg) -> vigos.ViGOSConfig:
+  return vigos.ViGOSConfig(lambda_perception=d.lambda_perception, lambda_reasoning=d.lambda_reasoning,
+                           lambda_reference=d.lambda_reference,
+                           max_token_value=0.05 if d.max_token_value is None else d.max_token_value,
+                           chunk_size=d.chunk_size)
+
+
+def vgs_config(d: DistillCfg) -> vgs.VGSConfig:
+  return vgs.VGSConfig(eta=d.eta, gamma=d.gamma, lp_weight=d.lp_weight, lp_quantile=d.lp_quantile,
+                       adaptive_gamma=d.adaptive_gamma, gamma_low_quantile=d.gamma_low_quantile, alpha=d.rl_alpha,
+                       aggregation=d.aggregation, chunk_size=d.chunk_size)
+
+
+def prompt_variants(d: DistillCfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(counterfactuals, contexts) the data pipeline must build next to each real prompt for `d.method`."""
+  if d.method == "opsd":
+    return (), (d.teacher_context,)
+  if d.method == "vigos":
+    return ("image_only",), (REASONING_CONTEXT, REFERENCE_CONTEXT)
+  if d.method == "vgs":
+    return ("no_image",), ()
+  return (), ()
+
+
+def vigos_format(tokenizer, vocab_size: int) -> tuple[vigos.DescribeReasonFormat, np.ndarray, np.ndarray]:
+  """The ViGOS tags on the tokenizer's ids and the brace tables of the model's vocabulary (ids past the tokenizer's
+  are unused slots: no braces)."""
+  texts = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_size))])
+  encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+  special = special_token_ids(tokenizer)
+  ignore = [special[t] for t in ("<|im_end|>", "<|endoftext|>") if t in special]
+  fmt = vigos.describe_reason_format(texts, encode, ignore_ids=ignore + [int(tokenizer.pad_token_id)])
+  return (fmt,) + vigos.brace_tables(texts + [""] * (vocab_size - len(texts)))
+
+
+def check_teacher(teacher_cfg, student_cfg):
+  """A teacher must predict over the student's vocabulary and read the same special tokens."""
+  if teacher_cfg.text.vocab_size != student_cfg.text.vocab_size:
+    raise ValueError(f"the teacher's vocabulary ({teacher_cfg.text.vocab_size}) differs from the student's "
+                     f"({student_cfg.text.vocab_size}): token-level distillation needs the same vocabulary")
+  for name in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+    if getattr(teacher_cfg, name) != getattr(student_cfg, name):
+      raise ValueError(f"the teacher's {name} ({getattr(teacher_cfg, name)}) differs from the student's "
+                       f"({getattr(student_cfg, name)})")
+
+
+# ---------------------------------------------------------------------------------------------------------- teacher pass
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TeacherOut:
+  """What the teachers contribute to one micro-batch (no gradient)."""
+  hidden: dict                               # name -> h_NTD on the completion grid
+  spans: vigos.DescribeReasonSpans | None    # vigos
+  vds_NT: jax.Array | None                   # vgs: KL(q_T(.|I,x) || q_T(.|x)) per completion token
+
+
+def _reasoning_only(tokens_NT, start_N, end_N):
+  """The completion tokens start..end-1 moved to the front (the reasoning teacher's continuation) and their mask."""
+  T = tokens_NT.shape[1]
+  idx_NT = start_N[:, None] + jnp.arange(T)[None, :]
+  mask_NT = idx_NT < end_N[:, None]
+  tokens_NT = jnp.take_along_axis(tokens_NT, jnp.clip(idx_NT, 0, T - 1), axis=1)
+  return jnp.where(mask_NT, tokens_NT, 0), mask_NT
+
+
+def _back_to_grid(h_NTD, start_N):
+  """h at completion position t = h_NTD[t - start] (positions before start take row 0; they are masked out)."""
+  T = h_NTD.shape[1]
+  idx_NT = jnp.clip(jnp.arange(T)[None, :] - start_N[:, None], 0, T - 1)
+  return jnp.take_along_axis(h_NTD, idx_NT[..., None], axis=1)
+
+
+def teacher_pass(teacher: Teacher, contexts: dict, tokens_NT, mask_NT, *, method: str, group_size: int,
+                 chunk_size: int = 128, vigos_tables=None, reasoning_sees_description: bool = False) -> TeacherOut:
+  """The teachers' hidden states on the student's completion grid (pure; jit it with the static arguments).
+
+  contexts: "real" -> the student's PromptInputs, and each prompt variant of `prompt_variants` by name.
+  vigos_tables: (DescribeReasonFormat, brace_delta_V, brace_min_V) for vigos.
+  """
+  model = teacher.model()
+  hidden = lambda ctx, toks=tokens_NT, m=mask_NT: jax.lax.stop_gradient(
+      completion_hidden(model, contexts[ctx], toks, m, group_size)[0])
+  spans = vds_NT = None
+  if method == "opd":
+    out = {"teacher": hidden("real")}
+  elif method == "opsd":
+    (name,) = [k for k in contexts if k != "real"]
+    out = {"teacher": hidden(name)}
+  elif method == "vigos":
+    fmt, delta_V, min_V = vigos_tables
+    spans = vigos.describe_reason_spans(tokens_NT, mask_NT, fmt=fmt, brace_delta_V=delta_V, brace_min_V=min_V)
+    if reasoning_sees_description:
+      reasoning = hidden(REASONING_CONTEXT)
+    else:
+      toks, m = _reasoning_only(tokens_NT, spans.reasoning_start_B, spans.reasoning_end_B)
+      reasoning = _back_to_grid(hidden(REASONING_CONTEXT, toks, m), spans.reasoning_start_B)
+    out = {"perception": hidden("image_only"), "reasoning": reasoning, "reference": hidden(REFERENCE_CONTEXT)}
+  elif method == "vgs":
+    out = {"image": hidden("real"), "text": hidden("no_image")}
+    w_DV = model.decoder.head_weight_DV()
+    vds_NT = vgs.chunked_vds(teacher_image=divergences.Logits(out["image"], w_DV),
+                             teacher_text=divergences.Logits(out["text"], w_DV), chunk_size=chunk_size)
+    vds_NT = jnp.where(mask_NT > 0, vds_NT, 0.0)
+  else:
+    raise ValueError(f"teacher_pass: method={method!r} is not a distillation method")
+  return TeacherOut(hidden=out, spans=spans, vds_NT=vds_NT)
+
+
+# ---------------------------------------------------------------------------------------------------------- the step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DistillBatch:
+  """One micro-batch of student rollouts with its teachers' outputs and the step-wide normalizers."""
+  prompt: PromptInputs                  # the student's context
+  prompt_text: PromptInputs | None      # vgs: the student's no_image context
+  tokens_NT: jax.Array
+  mask_NT: jax.Array
+  teacher: TeacherOut
+  count: jax.Array                      # opd / opsd / vgs: the step's aggregate_count
+  vigos_counts: vigos.ViGOSCounts | None
+  vds_high: jax.Array | None            # vgs: the step's Q_lp_quantile / Q_gamma_low_quantile of VDS
+  vds_low: jax.Array | None
+  policy: update.PolicyBatch | None     # rl_alpha > 0: the RL side
+
+
+def step_normalizers(method: str, d: DistillCfg, masks, outs: list[TeacherOut]) -> list[dict]:
+  """The whole step's counts (and VGS thresholds) for each micro-batch's `DistillBatch` fields."""
+  count = sum(float(divergences.aggregate_count(jnp.asarray(m) > 0, aggregation=d.aggregation)) for m in masks)
+  fields = {"count": jnp.asarray(count, jnp.float32), "vigos_counts": None, "vds_high": None, "vds_low": None}
+  if method == "vigos":
+    parts = [vigos.vigos_counts(o.spans) for o in outs]
+    fields["vigos_counts"] = jax.tree.map(lambda *xs: sum(xs), *parts)
+  if method == "vgs":
+    vds = jnp.concatenate([o.vds_NT.reshape(1, -1) for o in outs], axis=1)
+    mask = jnp.concatenate([(jnp.asarray(m) > 0).reshape(1, -1) for m in masks], axis=1)
+    q = vgs.vds_thresholds(vds, mask, config=vgs_config(d))
+    fields["vds_high"], fields["vds_low"] = q["high"], q["low"]
+  return [fields] * len(masks)
+
+
+def distill_loss_fn(params, graphdef, teacher_w_DV, batch: DistillBatch, *, d: DistillCfg, group_size: int,
+                    loss_cfg: losses.PolicyLossConfig | None):
+  """This micro-batch's share of the step loss, and its metrics (shares too: they add up over micro-batches)."""
+  model = nnx.merge(graphdef, params)
+  h_NTD, _ = completion_hidden(model, batch.prompt, batch.tokens_NT, batch.mask_NT, group_size)
+  w_DV = model.decoder.head_weight_DV()
+  student = divergences.Logits(h_NTD, w_DV)
+  teacher = lambda name: divergences.Logits(batch.teacher.hidden[name], teacher_w_DV, stop_gradient=True)
+  mask_NT = batch.mask_NT > 0
+  if d.method in ("opd", "opsd"):
+    loss, metrics = divergences.opd_loss(student=student, teacher=teacher("teacher"), mask_BT=mask_NT,
+                                         config=divergence_config(d), aggregation=d.aggregation, count=batch.count,
+                                         chunk_size=d.chunk_size)
+  elif d.method == "vigos":
+    loss, metrics = vigos.vigos_loss(student=student, perception=teacher("perception"),
+                                     reasoning=teacher("reasoning"), reference=teacher("reference"),
+                                     spans=batch.teacher.spans, counts=batch.vigos_counts, config=vigos_config(d))
+  elif d.method == "vgs":
+    h_text_NTD, _ = completion_hidden(model, batch.prompt_text, batch.tokens_NT, batch.mask_NT, group_size)
+    loss, metrics = vgs.vgs_loss(student_image=student, student_text=divergences.Logits(h_text_NTD, w_DV),
+                                 teacher_image=teacher("image"), teacher_text=teacher("text"), mask_BT=mask_NT,
+                                 vds_threshold_high=batch.vds_high, vds_threshold_low=batch.vds_low,
+                                 count=batch.count, config=vgs_config(d))
+  else:
+    raise ValueError(f"distill.method={d.method!r} is not a distillation method")
+  metrics = dict(metrics)
+  metrics["distill/loss"] = jax.lax.stop_gradient(loss)
+  if batch.policy is None:
+    return loss, (metrics, {})
+  p = batch.policy
+  logp_NT, ent_NT = token_logps(h_NTD, w_DV, p.tokens_NT, with_entropy=True)
+  mask_f = p.mask_NT.astype(jnp.float32)
+  rl_loss, rl_metrics = losses.policy_loss(logp_NT * mask_f, p.logp_old_NT, p.adv_NT, p.mask_NT, loss_cfg,
+                                           logp_ref_BT=p.logp_ref_NT if loss_cfg.kl_coef > 0 else None,
+                                           entropy_BT=ent_NT * mask_f)
+  total = d.rl_alpha * loss + (1.0 - d.rl_alpha) * rl_loss * p.weight
+  return total, (metrics, rl_metrics)
+
+
+def distill_step(state: update.TrainState, teacher: Teacher, micro: tuple[DistillBatch, ...], *, tx,
+                 d: DistillCfg, group_size: int, loss_cfg: losses.PolicyLossConfig | None = None):
+  """One optimizer update from the summed gradients of the micro-batches (distillation metrics summed, RL averaged)."""
+  teacher_w_DV = jax.lax.stop_gradient(teacher.model().decoder.head_weight_DV())
+  grad_fn = jax.value_and_grad(distill_loss_fn, has_aux=True)
+  grads, shares, rl = None, [], []
+  for batch in micro:
+    (_, (m, rl_m)), g = grad_fn(state.params, state.graphdef, teacher_w_DV, batch, d=d, group_size=group_size,
+                                loss_cfg=loss_cfg)
+    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    shares.append(m)
+    rl.append(rl_m)
+  metrics = {k: sum(m[k] for m in shares) for k in shares[0]}
+  metrics.update({k: jnp.mean(jnp.stack([m[k] for m in rl])) for k in rl[0]})
+  return update.apply_update(state, tx, grads, [metrics])
+
+
+def make_step(cfg: Config, *, tx, group_size: int, loss_cfg: losses.PolicyLossConfig | None):
+  """The jitted distillation step for `cfg.distill` (the state is donated; the teacher is not)."""
+  fn = functools.partial(distill_step, tx=tx, d=cfg.distill, group_size=group_size,
+                         loss_cfg=loss_cfg if cfg.distill.rl_alpha > 0 else None)
+  return jax.jit(fn, donate_argnums=(0,))
+
+
+def make_teacher_pass(cfg: Config, tokenizer, group_size: int, vocab_size: int):
+  """The jitted teacher pass for `cfg.distill` (teacher, contexts, tokens_NT, mask_NT) -> TeacherOut."""
+  d = cfg.distill
+  tables = vigos_format(tokenizer, vocab_size) if d.method == "vigos" else None
+  fmt_tables = None
+  if tables is not None:
+    fmt, delta_V, min_V = tables
+    fmt_tables = (fmt, jnp.asarray(delta_V), jnp.asarray(min_V))
+
+  def fn(teacher, contexts, tokens_NT, mask_NT):
+    return teacher_pass(teacher, contexts, tokens_NT, mask_NT, method=d.method, group_size=group_size,
+                        chunk_size=d.chunk_size, vigos_tables=fmt_tables,
+                        reasoning_sees_description=d.reasoning_teacher_sees_description)
+
+  return jax.jit(fn)
+
+
+def make_teacher(cfg: Config, model, tokenizer, initial_params) -> Teacher | None:
+  """The frozen teacher of `cfg.distill`: the initial policy (`initial_params`, shared with the KL reference), that
+  policy's warm start continued for `teacher_sft_steps` (the demo's stronger teacher), or an HF directory."""
+  d = cfg.distill
+  if d.method == "none":
+    return None
+  graphdef = nnx.split(model, nnx.Param)[0]
+  if d.teacher == "initial" and not d.teacher_sft_steps:
+    return Teacher(graphdef, initial_params)
+  if d.teacher == "initial":
+    start = nnx.merge(graphdef, jax.tree.map(jnp.copy, initial_params))
+    teacher_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, steps=d.teacher_sft_steps))
+    trained = sft.warm_start(teacher_cfg, start, tokenizer, name="teacher", origin=f"student warm start {cfg.sft!r}")
+    return Teacher(*nnx.split(trained, nnx.Param))
+  if not os.path.isdir(d.teacher):
+    raise ValueError(f"distill.teacher={d.teacher!r} is neither 'initial' nor a local HF checkpoint directory")
+  loaded = builders.load_model(d.teacher, cfg.model)
+  check_teacher(loaded.cfg, model.cfg)
+  return Teacher(*nnx.split(loaded, nnx.Param))
