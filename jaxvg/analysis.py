@@ -509,12 +509,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--num", type=int, default=64, help="held-out synthetic records")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--counterfactual", default="mask_visual", choices=SCORED_COUNTERFACTUALS)
+  parser.add_argument("--split", default="test", choices=("test", "prior_conflict"), help="held-out synthetic split")
   args = parser.parse_args(argv)
   t0 = time.time()
   policy = load_policy(run_dir=args.run, params=args.params, hf_dir=args.hf, config_path=args.config)
-  out = evaluate_groundtruth(policy, num=args.num, batch_size=args.batch_size, counterfactual=args.counterfactual)
+  out = evaluate_groundtruth(policy, num=args.num, batch_size=args.batch_size, split=args.split,
+                             counterfactual=args.counterfactual)
   out = {"run": args.run or args.hf, "params": args.params if args.run else "hf", "counterfactual": args.counterfactual,
-         **out, "seconds": round(time.time() - t0, 1)}
+         "split": args.split, **out, "seconds": round(time.time() - t0, 1)}
   # An AUROC without positives or negatives is NaN: JSON null.
   out = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in out.items()}
   print(json.dumps(out))
