@@ -335,3 +335,34 @@ def make_teacher(cfg: Config, model, tokenizer, initial_params) -> Teacher | Non
   loaded = builders.load_model(d.teacher, cfg.model)
   check_teacher(loaded.cfg, model.cfg)
   return Teacher(*nnx.split(loaded, nnx.Param))
+
+
+# ---------------------------------------------------------------------------------------------------------- calibration
+
+
+def vgs_term_gradients(params, graphdef, teacher_w_DV, batch: DistillBatch, *, d: DistillCfg, group_size: int):
+  """Gradients of the aggregated l_Std, l_Vis and l_Lang of a VGS micro-batch, each on its own (for eta)."""
+  config = vgs_config(d)
+
+  def terms(p):
+    model = nnx.merge(graphdef, p)
+    w_DV = model.decoder.head_weight_DV()
+    h_NTD, _ = completion_hidden(model, batch.prompt, batch.tokens_NT, batch.mask_NT, group_size)
+    h_text_NTD, _ = completion_hidden(model, batch.prompt_text, batch.tokens_NT, batch.mask_NT, group_size)
+    teacher = lambda name: divergences.Logits(batch.teacher.hidden[name], teacher_w_DV, stop_gradient=True)
+    out = vgs.vgs_terms(student_image=divergences.Logits(h_NTD, w_DV),
+                        student_text=divergences.Logits(h_text_NTD, w_DV), teacher_image=teacher("image"),
+                        teacher_text=teacher("text"), mask_BT=batch.mask_NT > 0, vds_threshold_high=batch.vds_high,
+                        vds_threshold_low=batch.vds_low, count=batch.count, config=config)
+    return {k: out[k] for k in ("std", "vis", "lang")}
+
+  return jax.jacrev(terms)(params)
+
+
+def gradient_statistics(grads: dict) -> dict[str, jax.Array]:
+  """Norms of g_Std, g_Vis, g_Lang and the cosines and angles between them (VGS paper section 3, App. A)."""
+  g_std, g_vis, g_lang = grads["std"], grads["vis"], grads["lang"]
+  return {"norm_std": vgs.tree_norm(g_std), "norm_vis": vgs.tree_norm(g_vis), "norm_lang": vgs.tree_norm(g_lang),
+          "cos_std_vis": vgs.tree_cosine(g_std, g_vis), "angle_lang_vis": vgs.tree_angle_degrees(g_lang, g_vis),
+          "angle_std_vis": vgs.tree_angle_degrees(g_std, g_vis),
+          "angle_std_lang": vgs.tree_angle_degrees(g_std, g_lang)}

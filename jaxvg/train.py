@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
   return run(cfg)
 
 
-def run(cfg: experiment.Config) -> dict:
+def run(cfg: experiment.Config, *, probe=None) -> dict:
+  """Trains per `cfg`; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first."""
   out_dir = cfg.train.out_dir
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -224,6 +225,8 @@ def run(cfg: experiment.Config) -> dict:
                                                tokens_NT=d["tokens"], mask_NT=d["mask"], teacher=d["teacher"],
                                                policy=pb if uses_rl else None, **n)
                           for d, pb, n in zip(parts, micro, norms))
+            if probe is not None:
+              probe(state, teacher, micro)
             state, m = distill_step(state, teacher, micro)
           else:
             state, m = policy_step(state, micro)
