@@ -246,10 +246,8 @@ def _maps_stage(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, ta
              step_kl_NC=dependency.step_scores(kl_NT, seg.step_ids_BT, C),
              step_len_NC=dependency.step_scores(mask_NT.astype(jnp.float32), seg.step_ids_BT, C),
              step_visual_NC=labels_M.reshape(-1, C), threshold=threshold, weights_NT=weights_NT,
-             adv_before_NT=None, adv_after_NT=None)
-  if adv_N is not None:
-    out["adv_before_NT"] = advantages.broadcast_to_tokens(adv_N, mask_NT)
-    out["adv_after_NT"] = pgpo.pgpo_advantages(out["adv_before_NT"], weights_NT)
+             adv_before_NT=advantages.broadcast_to_tokens(adv_N, mask_NT))
+  out["adv_after_NT"] = pgpo.pgpo_advantages(out["adv_before_NT"], weights_NT)
   return out
 
 
@@ -270,12 +268,16 @@ def dependency_maps(policy: Policy, batch: batch_lib.Batch, tokens_NT, mask_NT, 
   pgpo_cfg = pgpo.PGPOConfig(tau=c.tau, beta=c.beta, threshold_mode=c.threshold_mode,
                              low_weight_floor=c.low_weight_floor, mass_normalize=c.mass_normalize)
   cf = credit.counterfactual_inputs(batch.prompts, counterfactual)
+  # Zero advantages when none are given: one compiled program either way.
+  adv = jnp.zeros(tokens_NT.shape[0], jnp.float32) if adv_N is None else jnp.asarray(adv_N, jnp.float32)
   out = _maps_stage(policy.params, policy.graphdef, credit.as_prompt_inputs(batch.prompts), cf, tokens_NT, mask_NT,
-                    policy.tables, None if adv_N is None else jnp.asarray(adv_N, jnp.float32), group_size=group_size,
+                    policy.tables, adv, group_size=group_size,
                     max_steps=c.max_steps if max_steps is None else max_steps, pgpo_cfg=pgpo_cfg)
-  out = jax.device_get(out)
+  out = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
   out["threshold"] = float(out["threshold"])
-  return DependencyMaps(**{k: v if v is None or k == "threshold" else np.asarray(v) for k, v in out.items()})
+  if adv_N is None:
+    out["adv_before_NT"] = out["adv_after_NT"] = None
+  return DependencyMaps(**out)
 
 
 # -------------------------------------------------------------------------------------------- ground truth

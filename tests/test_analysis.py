@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jaxvg import analysis, builders, checkpoint, config_lib, experiment
+from jaxvg import analysis, builders, checkpoint, config_lib, experiment, groundtruth
 from jaxvg.data import batch as batch_lib
 from jaxvg.data import synthetic
 from jaxvg.models.positions import vision_layout
@@ -175,15 +175,38 @@ def test_load_policy_reads_final_or_sft_params(run, policy):
     analysis.load_policy(run_dir=str(run_dir), params="best")
 
 
+def test_load_policy_from_an_hf_directory_with_a_config_file(tmp_path):
+  from hf_fixtures import load_torch_model, make_tiny_hf_checkpoint
+  from jaxvg.data.tokenizer import ASSET_DIR
+
+  # vocab 951 puts the checkpoint's image / video pads where the shipped tokenizer has them (947, 948).
+  hf_dir = make_tiny_hf_checkpoint(str(tmp_path / "hf"), vocab=951)
+  config = tmp_path / "hf_config.py"
+  config.write_text(
+      "from jaxvg import experiment\n\n\n"
+      "def get_config():\n"
+      f"  return experiment.Config(data=experiment.DataCfg(tokenizer={str(ASSET_DIR)!r}, prompt_format='vgs'))\n")
+  got = analysis.load_policy(hf_dir=hf_dir, config_path=str(config))
+  assert got.config.model.hf_path == hf_dir and got.fmt.name == "vgs"
+  assert got.model_cfg.image_token_id == got.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 947
+  want = load_torch_model(hf_dir).state_dict()["model.language_model.embed_tokens.weight"].numpy()
+  np.testing.assert_array_equal(np.asarray(nnx.merge(got.graphdef, got.params).decoder.embed_VD[...]), want)
+
+
 # ------------------------------------------------------------------------------------------- dependency maps
 
 
-def _records_case(policy, seed=0):
-  """Two held-out records and G completions of 10 tokens each, "\n\n" tokens at 3 and 7 (several steps a row)."""
-  nl = policy.tokenizer("a\n\nb", add_special_tokens=False)["input_ids"][1]
-  tokens = np.random.default_rng(seed).integers(5, 900, (2 * G, 10)).astype(np.int32)
-  tokens[:, [3, 7]] = nl
-  return analysis.heldout_records(policy.config, 2), tokens, np.arange(10)[None] < np.array([[10], [6], [9], [10]])
+def _records_case(policy):
+  """The first two held-out records and their reference solutions (+ EOS), padded to a multiple of 32 tokens as
+  `evaluate_groundtruth` pads them: the CLI test then reuses this test's compiled program."""
+  records = analysis.heldout_records(policy.config, 2)
+  refs = [groundtruth.reference_tokens(policy.tokenizer, synthetic.render_solution(r["solution"], r["answer"],
+                                                                                   fmt=policy.fmt))
+          for r in records]
+  width = -(-(max(len(r.token_ids) for r in refs) + 1) // 32) * 32
+  arrays = groundtruth.reference_arrays(refs, width=width, pad_id=int(policy.tokenizer.pad_token_id),
+                                        eos_id=policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+  return records, arrays["tokens_NT"], arrays["mask_NT"]
 
 
 def _user_case(seed=2):
@@ -195,15 +218,15 @@ def _user_case(seed=2):
 
 def test_dependency_maps_match_naive_forward_and_hand_formulas(policy):
   records, tokens, mask = _records_case(policy)
-  T = tokens.shape[1]
+  N, T = tokens.shape
   batch = analysis.prepare_prompts(policy, records)
-  adv = np.array([1.5, -1.5, 0.5, -0.5], np.float32)
-  maps = analysis.dependency_maps(policy, batch, tokens, mask, group_size=G, adv_N=adv)
+  adv = np.array([1.5, -0.5], np.float32)
+  maps = analysis.dependency_maps(policy, batch, tokens, mask, group_size=1, adv_N=adv)
 
   lp = _naive_logp(policy, batch.prompts, tokens, mask)
   # mask_visual: the same full-length sequence with every image-pad key masked (the text-only pass, uncompacted).
   lq = _naive_logp(policy, batch.prompts, tokens, mask, hide_images=True)
-  rows = np.arange(2 * G)[:, None]
+  rows = np.arange(N)[:, None]
   logp_real, logp_cf = lp[rows, np.arange(T), tokens], lq[rows, np.arange(T), tokens]
   np.testing.assert_allclose(maps.logp_real_NT, np.where(mask, logp_real, 0), atol=2e-5)
   np.testing.assert_allclose(maps.logp_cf_NT, np.where(mask, logp_cf, 0), atol=2e-5)
@@ -214,8 +237,8 @@ def test_dependency_maps_match_naive_forward_and_hand_formulas(policy):
 
   # Steps: V_k and the KL sums by a loop over the tokens; the Otsu split by brute force over all cut points.
   C = policy.config.credit.max_steps
-  v, klsum = np.zeros((2 * G, C)), np.zeros((2 * G, C))
-  for n in range(2 * G):
+  v, klsum = np.zeros((N, C)), np.zeros((N, C))
+  for n in range(N):
     for t in range(T):
       if mask[n, t]:
         k = maps.step_ids_NT[n, t]
@@ -223,16 +246,16 @@ def test_dependency_maps_match_naive_forward_and_hand_formulas(policy):
         klsum[n, k] += _kl(lp, lq)[n, t]
   np.testing.assert_allclose(maps.step_v_NC, v, atol=1e-4)
   np.testing.assert_allclose(maps.step_kl_NC, klsum, atol=1e-4)
-  assert (maps.num_steps_N >= 2).all()
-  vals = np.concatenate([v[n, :maps.num_steps_N[n]] for n in range(2 * G)])
+  assert (maps.num_steps_N >= 3).all()  # perception, reasoning, the answer
+  vals = np.concatenate([v[n, :maps.num_steps_N[n]] for n in range(N)])
   best = min((((vals[vals < c] - vals[vals < c].mean()) ** 2).sum() + ((vals[vals >= c] - vals[vals >= c].mean()) ** 2)
               .sum(), c) for c in np.unique(vals)[1:])
   assert maps.threshold == pytest.approx(best[1], abs=1e-5)
-  labels = np.concatenate([maps.step_visual_NC[n, :maps.num_steps_N[n]] for n in range(2 * G)])
+  labels = np.concatenate([maps.step_visual_NC[n, :maps.num_steps_N[n]] for n in range(N)])
   np.testing.assert_array_equal(labels, vals >= best[1])
 
   # PGPO (Eq. 4-8, tau 0.4, beta 2): log1p, min-max, gate, mass normalization, A_i * w_t.
-  for n in range(2 * G):
+  for n in range(N):
     s = np.log1p(maps.k3_NT[n][mask[n]].astype(np.float64))
     i = (s - s.min()) / (s.max() - s.min() + 1e-8)
     w = np.where(i < 0.4, i / 0.4, 1 + 2 * (i - 0.4) / 0.6)
@@ -243,7 +266,7 @@ def test_dependency_maps_match_naive_forward_and_hand_formulas(policy):
   with pytest.raises(ValueError, match="group_size"):
     analysis.dependency_maps(policy, batch, tokens, mask, group_size=3)
   with pytest.raises(ValueError, match="white_image"):
-    analysis.dependency_maps(policy, batch, tokens, mask, group_size=G, counterfactual="white_image")
+    analysis.dependency_maps(policy, batch, tokens, mask, group_size=1, counterfactual="white_image")
 
 
 def test_image_blind_model_has_zero_dependency_everywhere(policy):
@@ -252,9 +275,9 @@ def test_image_blind_model_has_zero_dependency_everywhere(policy):
     model.vision.merger_fc2_bias_D[...] = jnp.zeros_like(model.vision.merger_fc2_bias_D[...])
 
   blind = _with_params(policy, zero_vision)
-  records, tokens, mask = _records_case(policy, seed=1)
+  records, tokens, mask = _records_case(policy)
   batch = analysis.prepare_prompts(blind, records, counterfactual="white_image")
-  maps = analysis.dependency_maps(blind, batch, tokens, mask, group_size=G, adv_N=np.array([1.0, -1.0, 2.0, 0.0]),
+  maps = analysis.dependency_maps(blind, batch, tokens, mask, group_size=1, adv_N=np.array([1.0, -2.0]),
                                   counterfactual="white_image")
   for name in ("k3_NT", "kl_NT", "step_v_NC", "step_kl_NC"):
     np.testing.assert_allclose(getattr(maps, name), 0.0, atol=1e-6, err_msg=name)
@@ -272,8 +295,7 @@ def test_image_blind_model_has_zero_dependency_everywhere(policy):
     model.decoder.o_LNHD[...] = jnp.zeros_like(model.decoder.o_LNHD[...])
 
   deaf = _with_params(policy, no_attention)
-  maps = analysis.dependency_maps(deaf, analysis.prepare_prompts(deaf, records), tokens, mask, group_size=G,
-                                  adv_N=np.zeros(2 * G))
+  maps = analysis.dependency_maps(deaf, analysis.prepare_prompts(deaf, records), tokens, mask, group_size=1)
   np.testing.assert_allclose(maps.kl_NT, 0.0, atol=1e-6)
   user = analysis.prepare_prompts(deaf, [record])
   np.testing.assert_allclose(analysis.occlusion_map(deaf, user, user_tokens, user_mask, rows_per_call=3), 0.0,
