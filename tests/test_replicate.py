@@ -1,0 +1,304 @@
+"""The replication driver: method selection, planning, aggregation, the results table, run loading, end to end."""
+
+import json
+import math
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from jaxvg import metrics, replicate
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+MINI = ["--set", "sft.steps=1", "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
+        "--set", "data.num_eval=2", "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8",
+        "--set", "algo.ds_max_tries=2", "--set", "model.tiny_width=32", "--set", "model.tiny_layers=1",
+        "--set", "model.tiny_vision_width=32"]
+
+
+# ------------------------------------------------------------------------------------------------ selection, plan
+
+
+def test_select_methods_by_name_comma_or_case_and_errors(tmp_path):
+  got = replicate.select_methods(["grpo,DAPO", "pgpo-grpo", "GRPO"], config_dir=CONFIGS)
+  assert [m.name for m in got] == ["GRPO", "DAPO", "PGPO-GRPO"]
+  with pytest.raises(ValueError, match="unknown method.*'PPO'"):
+    replicate.select_methods(["GRPO,PPO"], config_dir=CONFIGS)
+  shutil.copy(os.path.join(CONFIGS, "demo.py"), tmp_path / "demo.py")
+  assert [m.name for m in replicate.select_methods(["GRPO", "DAPO"], config_dir=str(tmp_path))] == ["GRPO", "DAPO"]
+  # A missing config is an error naming the file, never a skipped method.
+  with pytest.raises(FileNotFoundError, match="OPSD needs .*opsd_demo.py.*VGS needs .*vgs_demo.py"):
+    replicate.select_methods(["GRPO", "OPSD", "VGS"], config_dir=str(tmp_path))
+
+
+def test_every_baseline_is_a_method():
+  names = {m.name for m in replicate.METHODS}
+  assert all(m.baseline in names for m in replicate.METHODS if m.baseline is not None)
+  assert len(names) == len(replicate.METHODS) == 11
+
+
+def test_plan_shares_the_warm_start_and_checks_the_budget(tmp_path):
+  methods = replicate.select_methods(["GRPO", "DAPO", "PGPO-DAPO"], config_dir=CONFIGS)
+  runs = replicate.plan_runs(methods, seeds=2, steps=5, common=["rollout.max_new_tokens=16"], out_dir=str(tmp_path))
+  assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for m in ("GRPO", "DAPO", "PGPO-DAPO") for s in (0, 1)]
+  grpo0 = runs[0]
+  # method overrides, then the common ones, then seed, steps and folder (the last assignment wins)
+  assert grpo0["overrides"] == ["algo.name=grpo", "algo.dynamic_sampling=false", "rollout.max_new_tokens=16",
+                                "train.seed=0", "train.steps=5", f"train.out_dir={tmp_path / 'grpo' / 'seed0'}"]
+  assert runs[5]["out_dir"] == str(tmp_path / "pgpo_dapo" / "seed1")
+  assert len({r["warm_dir"] for r in runs}) == 1  # the warm start ignores algo, credit, seed and steps
+  warm = replicate.warm_start_specs(runs)
+  assert len(warm) == 1 and warm[0]["out_dir"] == runs[0]["warm_dir"]
+  assert warm[0]["overrides"][-1] == f"train.out_dir={runs[0]['warm_dir']}"
+  assert sum(o.startswith("train.out_dir=") for o in warm[0]["overrides"]) == 1
+  # a change to the data section is a different warm start
+  other = replicate.plan_runs(methods[:1], seeds=1, steps=5, common=["data.image_size=84"], out_dir=str(tmp_path))
+  assert other[0]["warm_dir"] != runs[0]["warm_dir"]
+  with pytest.raises(ValueError, match="--seeds"):
+    replicate.plan_runs(methods, seeds=0, steps=5, common=[], out_dir=str(tmp_path))
+
+
+def test_unequal_rollout_budgets_are_an_error(tmp_path):
+  shutil.copy(os.path.join(CONFIGS, "demo.py"), tmp_path / "demo.py")
+  (tmp_path / "pgpo_demo.py").write_text(
+      "import dataclasses, os\nfrom jaxvg import config_lib\n\ndef get_config():\n"
+      "  base = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py'))\n"
+      "  return dataclasses.replace(base, rollout=dataclasses.replace(base.rollout, group_size=4))\n")
+  methods = replicate.select_methods(["GRPO", "DAPO", "PGPO-GRPO"], config_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"budgets differ \(GRPO, DAPO: 7 steps x 64 rollouts; PGPO-GRPO: 7 steps x "
+                                       r"32 rollouts\); align them"):
+    replicate.plan_runs(methods, seeds=1, steps=7, common=[], out_dir=str(tmp_path / "out"), config_dir=str(tmp_path))
+
+
+def test_split_cpus():
+  assert replicate.split_cpus([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+  assert replicate.split_cpus([4, 6], 2) == [[4], [6]]
+  assert replicate.split_cpus([0, 1, 2], 1) == [[0, 1, 2]]
+  with pytest.raises(ValueError, match="--jobs 3 needs at least 3 cores; 2 available"):
+    replicate.split_cpus([0, 1], 3)
+  with pytest.raises(ValueError, match="--jobs must be >= 1"):
+    replicate.split_cpus([0, 1], 0)
+
+
+# ----------------------------------------------------------------------------------------------------- aggregation
+
+
+def test_mean_spread_by_hand():
+  m, s = replicate.mean_spread([0.2, 0.4, 0.6])
+  # mean 1.2 / 3 = 0.4; sample variance ((-0.2)^2 + 0 + 0.2^2) / (3 - 1) = 0.04 -> 0.2
+  assert m == pytest.approx(0.4) and s == pytest.approx(0.2)
+  assert replicate.mean_spread([0.7]) == (0.7, 0.0)  # one seed: no spread
+  assert replicate.mean_spread([1.0, float("nan"), 3.0]) == pytest.approx((2.0, math.sqrt(2.0)))
+  assert all(math.isnan(x) for x in replicate.mean_spread([float("nan")]))
+  assert all(math.isnan(x) for x in replicate.mean_spread([]))
+
+
+def _result(method, seed, after, **kw):
+  base = {f: float("nan") for f in replicate.FIELDS}
+  base.update(accuracy_before=0.1, accuracy_after=after, tokens_per_s=1000.0 + seed, step_time=2.0)
+  base.update(kw)
+  return {"spec": {"method": method, "seed": seed}, **base}
+
+
+def test_aggregate_groups_by_method_in_order():
+  results = [_result("GRPO", 0, 0.30), _result("DAPO", 0, 0.50), _result("GRPO", 1, 0.40), _result("DAPO", 1, 0.70)]
+  summary = replicate.aggregate(results)
+  assert list(summary) == ["GRPO", "DAPO"]
+  assert summary["GRPO"]["seeds"] == 2
+  assert summary["GRPO"]["accuracy_after"] == pytest.approx((0.35, math.sqrt(0.005)))  # (0.05^2 * 2) / 1
+  assert summary["DAPO"]["accuracy_after"] == pytest.approx((0.60, math.sqrt(0.02)))
+  assert summary["DAPO"]["tokens_per_s"] == pytest.approx((1000.5, math.sqrt(0.5)))
+  assert all(math.isnan(x) for x in summary["GRPO"]["dependency_auroc"])
+
+
+def test_verdicts_on_hand_made_summaries():
+  def row(mean, spread):
+    return {"seeds": 3, "accuracy_after": (mean, spread)}
+  summary = {"GRPO": row(0.40, 0.02), "DAPO": row(0.38, 0.01), "PGPO-GRPO": row(0.43, 0.05),
+             "PGPO-DAPO": row(0.50, 0.01), "PDCR": row(0.9, 0.0), "VGS": row(float("nan"), float("nan"))}
+  baselines = {"GRPO": None, "DAPO": "GRPO", "PGPO-GRPO": "GRPO", "PGPO-DAPO": "DAPO", "PDCR": "PACR", "VGS": "GRPO"}
+  got = replicate.verdicts(summary, baselines)
+  # DAPO: 0.38 - 0.40 < 0. PGPO-GRPO: 0.03 above, within the larger spread 0.05. PGPO-DAPO: 0.12 above the larger
+  # spread 0.01 (it beats: no sentence). PDCR: its baseline PACR was not run (no sentence). VGS: nothing to compare.
+  assert got == [
+      "DAPO does not beat its baseline GRPO: held-out accuracy 0.380 ± 0.010 against 0.400 ± 0.020.",
+      "PGPO-GRPO does not beat its baseline GRPO beyond the spread over seeds: held-out accuracy 0.430 ± 0.050 "
+      "against 0.400 ± 0.020, a gain of 0.030 within ± 0.050.",
+      "VGS cannot be compared with its baseline GRPO: a held-out accuracy is missing.",
+  ]
+  # A tie does not beat; a single seed (spread 0) beats with any gain.
+  assert replicate.verdicts({"A": row(0.5, 0.0), "B": row(0.5, 0.0)}, {"A": None, "B": "A"})[0].startswith(
+      "B does not beat its baseline A:")
+  assert replicate.verdicts({"A": row(0.5, 0.0), "B": row(0.501, 0.0)}, {"A": None, "B": "A"}) == []
+
+
+def test_render_results_table():
+  results = [_result("GRPO", 0, 0.30), _result("GRPO", 1, 0.40), _result("DAPO", 0, 0.20, prior_conflict_after=0.25)]
+  warm = [{"spec": {"out_dir": "/x/warm_start/abc"}, "accuracy": 0.125, "prior_conflict": 0.0625,
+           "methods": ["GRPO", "DAPO", "GRPO"]}]
+  methods = [replicate.Method("GRPO", "demo.py", ("algo.name=grpo", "x.y=1")),
+             replicate.Method("DAPO", "demo.py", (), baseline="GRPO")]
+  text = replicate.render_results(
+      replicate.aggregate(results), methods=methods, warm=warm,
+      budgets={"GRPO": {"steps": 20, "prompts_per_batch": 8, "group_size": 8, "max_new_tokens": 96},
+               "DAPO": {"steps": 20, "prompts_per_batch": 4, "group_size": 16, "max_new_tokens": 128}},
+      command="python -m jaxvg.replicate --seeds 2", machine="a test machine", date="2030-01-02", wall_s=3725.0,
+      jobs_s=7199.6)
+  lines = text.splitlines()
+  # 3725 s = 1 h 2 min 5 s; 7199.6 s rounds to 7200 s = 2 h
+  assert lines[2] == ("`python -m jaxvg.replicate --seeds 2` on a test machine, 2030-01-02; total wall time 1:02:05 "
+                      "(the warm start and run processes took 2:00:00 in all, summed over parallel jobs and earlier "
+                      "invocations whose runs were reused).")
+  assert "Budget per run: 20 RL steps x 64 rollouts (prompts x samples per prompt, per method below)" in text
+  assert ("| GRPO | - | 2 | 0.100 ± 0.000 | 0.350 ± 0.071 | n/a | 1000 ± 1 | 2.00 ± 0.00 | n/a | n/a | n/a |"
+          in lines)
+  assert ("| DAPO | GRPO | 1 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.250 ± 0.000 | 1000 ± 0 | 2.00 ± 0.00 | n/a | n/a "
+          "| n/a |") in lines
+  assert "- DAPO does not beat its baseline GRPO: held-out accuracy 0.200 ± 0.000 against 0.350 ± 0.071." in lines
+  assert "- W1 (`abc`, used by DAPO, GRPO): held-out accuracy 0.125, prior-conflict accuracy 0.062." in lines
+  assert "| GRPO | configs/demo.py | algo.name=grpo, x.y=1 | 8 x 8 | 96 |" in lines
+  assert "| DAPO | configs/demo.py |  | 4 x 16 | 128 |" in lines
+  assert lines[lines.index("| method | baseline | seeds | held-out acc. before | held-out acc. after | prior-conflict "
+                           "acc. after | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |")
+               + 1].count("|") == 12
+
+
+def test_summarize_metrics_by_hand():
+  rows = [{"step": -1, "sft/sft_loss": 1.0},
+          {"step": 0, "time/step": 30.0, "tokens_per_s": 10.0, "dynamic_sampling/groups_seen": 4.0},
+          {"step": 1, "time/step": 2.0, "tokens_per_s": 500.0, "dynamic_sampling/groups_seen": 6.0},
+          {"step": 2, "time/step": 9.0, "tokens_per_s": 100.0, "dynamic_sampling/groups_seen": 2.0},
+          {"step": 2, "time/step": 4.0, "tokens_per_s": 300.0, "dynamic_sampling/groups_seen": 3.0},  # re-run: wins
+          {"step": 3, "time/step": 3.0, "tokens_per_s": 400.0, "dynamic_sampling/groups_seen": 4.0},
+          {"step": 4, "eval/accuracy_after": 0.5}]
+  got = replicate.summarize_metrics(rows, group_size=8)
+  # steps 1..3 (step 0 compiles): times 2, 4, 3 -> median 3; tokens/s 500, 300, 400 -> 400; groups 4+6+3+4 = 17
+  assert got == {"tokens_per_s": 400.0, "step_time": 3.0, "rollouts": 17.0 * 8}
+  one = replicate.summarize_metrics(rows[1:2], group_size=2)  # one step: it is all there is
+  assert one == {"tokens_per_s": 10.0, "step_time": 30.0, "rollouts": 8.0}
+  no_ds = replicate.summarize_metrics([{"step": 0, "time/step": 1.0, "tokens_per_s": 5.0}], group_size=2)
+  assert math.isnan(no_ds["rollouts"])
+  with pytest.raises(ValueError, match="no RL step row"):
+    replicate.summarize_metrics(rows[:1], group_size=2)
+
+
+# ------------------------------------------------------------------------------------------------- run loading
+
+
+def test_read_run_last_value_wins_and_a_cut_line_is_skipped(tmp_path):
+  lines = [{"step": -2, "sft/sft_loss": 3.0}, {"step": 0, "time": 5.0, "reward/overall": 0.1},
+           {"step": 1, "time": 6.0, "reward/overall": 0.2}, {"step": 1, "time": 7.0, "reward/overall": 0.3},
+           {"step": 2, "eval/accuracy": 0.5}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n" + '{"step": 3, "rew')
+  table = replicate.read_run(str(tmp_path))
+  assert sorted(table) == ["eval/accuracy", "reward/overall", "sft/sft_loss", "time"]
+  steps, values = table["reward/overall"]
+  assert steps.tolist() == [0, 1] and values.tolist() == [0.1, 0.3]
+  assert table["sft/sft_loss"][0].tolist() == [-2] and table["eval/accuracy"][1].tolist() == [0.5]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 0, "a": 1}\nnot json\n{"step": 1, "a": 2}\n')
+  with pytest.raises(ValueError, match="line 2 is not JSON"):
+    replicate.read_run(str(tmp_path))
+
+
+def test_read_tfevents_reads_what_the_writer_wrote(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path))
+  w.write(0, {"reward/overall": 0.25, "time/step": 3.0}, histograms={"dependency/hist": np.arange(5.0)})
+  w.write(1, {"reward/overall": 0.5})
+  w.write(1, {"reward/overall": 0.75, "eval/accuracy": 0.125})
+  w.close()
+  table = replicate.read_tfevents(str(tmp_path))
+  assert sorted(table) == ["eval/accuracy", "reward/overall", "time/step"]  # histograms are not scalars
+  assert table["reward/overall"][0].tolist() == [0, 1] and table["reward/overall"][1].tolist() == [0.25, 0.75]
+  assert table["eval/accuracy"][0].tolist() == [1] and table["time/step"][1].tolist() == [3.0]
+  # a record cut short at the end is skipped; a flipped byte inside one is an error
+  (path,) = [os.path.join(tmp_path, "tensorboard", f) for f in os.listdir(tmp_path / "tensorboard")]
+  blob = open(path, "rb").read()
+  open(path, "wb").write(blob[:-5])
+  assert replicate.read_tfevents(str(tmp_path))["reward/overall"][1].tolist() == [0.25, 0.5]
+  length = struct.unpack("<Q", blob[:8])[0]  # the first record (the file version event)
+  second = 12 + length + 4
+  bad = bytearray(blob)
+  bad[second + 12 + 3] ^= 0xFF
+  open(path, "wb").write(bytes(bad))
+  with pytest.raises(ValueError, match="corrupt record"):
+    replicate.read_tfevents(str(tmp_path))
+
+
+def test_ema_by_hand_and_against_a_loop():
+  # w = 0.5 on [1, 3]: m0 = 0.5 -> 0.5 / (1 - 0.5) = 1; m1 = 0.25 + 1.5 = 1.75 -> 1.75 / (1 - 0.25) = 7/3
+  assert replicate.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, 7.0 / 3.0])
+  x = np.random.default_rng(0).normal(size=20)
+  ref, m = [], 0.0
+  for i, v in enumerate(x):
+    m = 0.9 * m + 0.1 * v
+    ref.append(m / (1 - 0.9**(i + 1)))
+  assert replicate.ema(x, 0.9) == pytest.approx(ref)
+  assert replicate.ema(x, 0.0) == pytest.approx(x)  # no smoothing
+  assert replicate.ema([5.0] * 4, 0.99) == pytest.approx([5.0] * 4)  # debiased: a constant stays constant
+  got = replicate.ema([1.0, float("nan"), 3.0], 0.5)
+  assert got[0] == 1.0 and math.isnan(got[1]) and got[2] == pytest.approx(7.0 / 3.0)
+  with pytest.raises(ValueError, match="smoothing weight"):
+    replicate.ema([1.0], 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_driver_end_to_end_two_methods_one_seed(tmp_path):
+  out, results_md = tmp_path / "rep", tmp_path / "results.md"
+  results = replicate.main(["--methods", "GRPO,DAPO", "--seeds", "1", "--steps", "2", "--out", str(out),
+                            "--results", str(results_md), "--jobs", "2", *MINI])
+  assert [r["spec"]["method"] for r in results] == ["GRPO", "DAPO"]
+  (warm_dir,) = {r["spec"]["warm_dir"] for r in results}
+  assert os.listdir(os.path.join(warm_dir, "sft"))  # trained once, here
+  warm = json.load(open(os.path.join(warm_dir, "warm_result.json")))
+  for r in results:
+    run_dir = r["spec"]["out_dir"]
+    # Both runs started from the shared warm start without training one: no warm-start rows in their logs, and
+    # their held-out accuracy before RL is the warm start's own (the same greedy evaluation of the same weights).
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert not any(k.startswith("sft/") for row in rows for k in row)
+    assert json.load(open(os.path.join(run_dir, "sft", "done.json"))) == \
+        json.load(open(os.path.join(warm_dir, "sft", "done.json")))
+    assert r["accuracy_before"] == warm["accuracy"]
+    # tokens/s and step time as a naive reading of the log: the run's second RL step (the first compiles)
+    (step1,) = [row for row in rows if row["step"] == 1 and "time/step" in row]
+    assert r["tokens_per_s"] == step1["tokens_per_s"] and r["step_time"] == step1["time/step"]
+    groups = sum(row["dynamic_sampling/groups_seen"] for row in rows if "time/step" in row)
+    assert r["rollouts"] == groups * 2
+    assert 0.0 <= r["prior_conflict_after"] <= 1.0 and 0.0 <= r["accuracy_after"] <= 1.0
+    # the analysis module's ground-truth scores of the final policy (AUROC and a split accuracy: both in [0, 1])
+    assert 0.0 <= r["dependency_auroc"] <= 1.0 and 0.0 <= r["step_split_accuracy"] <= 1.0
+    assert r["budget"] == {"steps": 2, "prompts_per_batch": 2, "group_size": 2, "max_new_tokens": 8}
+    assert os.path.isdir(os.path.join(run_dir, "final"))
+  grpo, dapo = results
+  assert grpo["rollouts"] == 2 * 2 * 2  # no dynamic sampling: 2 steps x 2 prompts x 2 samples
+  assert dapo["rollouts"] >= grpo["rollouts"]
+  text = results_md.read_text()
+  assert "| GRPO | - | 1 |" in text and "| DAPO | GRPO | 1 |" in text and "## Warm starts" in text
+  assert "used by DAPO, GRPO" in text
+  # A second call reuses the finished runs (same specs): nothing is trained again.
+  stamp = os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns
+  again = replicate.main(["--methods", "GRPO,DAPO", "--seeds", "1", "--steps", "2", "--out", str(out),
+                          "--results", str(results_md), *MINI])
+  assert [(a["spec"], a["accuracy_after"], a["tokens_per_s"]) for a in again] == \
+      [(r["spec"], r["accuracy_after"], r["tokens_per_s"]) for r in results]
+  assert os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns == stamp
+
+
+def test_a_failed_job_is_an_error_naming_it_and_its_log(tmp_path):
+  spec = {"kind": "run", "method": "GRPO", "seed": 0, "config": str(tmp_path / "gone.py"), "overrides": [],
+          "out_dir": str(tmp_path / "grpo" / "seed0"), "warm_dir": None}
+  with pytest.raises(RuntimeError, match=r"the run job of GRPO seed 0 failed with exit code 1; log: .*log.txt"):
+    replicate.execute([spec], jobs=1, pin=False, env=dict(os.environ))
+  assert "config file" in (tmp_path / "grpo" / "seed0" / "log.txt").read_text()
+  with pytest.raises(ValueError, match="--jobs must be >= 1"):
+    replicate.execute([spec], jobs=0, pin=False, env=dict(os.environ))
+  # a result written for another spec is not reused
+  (tmp_path / "grpo" / "seed0" / "run_result.json").write_text(json.dumps({"spec": {**spec, "seed": 1}}))
+  assert replicate._done(spec) is None
+  (tmp_path / "grpo" / "seed0" / "run_result.json").write_text(json.dumps({"spec": spec, "accuracy_after": 0.5}))
+  assert replicate.execute([spec], jobs=1, pin=False, env=dict(os.environ)) == [{"spec": spec, "accuracy_after": 0.5}]
