@@ -8,7 +8,8 @@ top 30% of the step's tokens by teacher VDS, gamma = 2, lambda = 0.01. eta was m
 
   python -m jaxvg.calibrate --config configs/vgs_demo.py --steps 20
 
-(the mean |g_Std|, |g_Vis| and their cosine over 20 standard-OPD steps; the figures are in docs/benchmarks.md).
+over 20 standard-OPD steps: |g_Std| 2.38, |g_Vis| 2.48, cos 0.887 -> eta 0.332 (paper: 0.41 for its 2B student,
+0.36 for 4B, at gamma = 2); the angle between g_Lang and g_Vis was 103 +- 3 degrees (paper: 60-92, some obtuse).
 """
 
 import dataclasses
@@ -22,6 +23,6 @@ def get_config() -> Config:
   base = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "opd_demo.py"))
   return dataclasses.replace(
       base,
-      distill=dataclasses.replace(base.distill, method="vgs", eta=1.0, gamma=2.0, lp_weight=0.01, lp_quantile=0.7),
+      distill=dataclasses.replace(base.distill, method="vgs", eta=0.33, gamma=2.0, lp_weight=0.01, lp_quantile=0.7),
       train=dataclasses.replace(base.train, out_dir="runs/vgs_demo"),
   )

@@ -57,10 +57,11 @@ def _mrope_section(head_dim: int) -> tuple[int, int, int]:
   return (t, h, half - t - h)
 
 
-def build_model(cfg: ModelCfg, data: DataCfg):
-  """(tokenizer, Qwen25VL): loaded from `cfg.hf_path`, or random with the shipped (or named) tokenizer."""
+def build_model(cfg: ModelCfg, data: DataCfg, *, mesh=None):
+  """(tokenizer, Qwen25VL): loaded from `cfg.hf_path` (each device reading its shards of `mesh`), or random with the
+  shipped (or named) tokenizer."""
   if cfg.hf_path:
-    return load_tokenizer(data.tokenizer or cfg.hf_path), load_model(cfg.hf_path, cfg)
+    return load_tokenizer(data.tokenizer or cfg.hf_path), load_model(cfg.hf_path, cfg, mesh=mesh)
   tokenizer = load_tokenizer(data.tokenizer)
   mcfg = model_config_for(cfg, tokenizer)
   model = Qwen25VL(mcfg, rngs=nnx.Rngs(cfg.seed), dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
@@ -68,9 +69,13 @@ def build_model(cfg: ModelCfg, data: DataCfg):
   return tokenizer, model
 
 
-def load_model(path: str, cfg: ModelCfg) -> Qwen25VL:
-  """A Qwen2.5-VL from a local HF directory, with `cfg`'s dtypes and remat."""
-  return load_hf(path, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat)
+def load_model(path: str, cfg: ModelCfg, *, mesh=None) -> Qwen25VL:
+  """A Qwen2.5-VL from a local HF directory, with `cfg`'s dtypes and remat, placed on `mesh` when given."""
+  kwargs = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat)
+  if mesh is None:
+    return load_hf(path, **kwargs)
+  from jaxvg import sharding  # local: the data side of the package does not need the sharding tables
+  return sharding.load_hf_sharded(path, mesh, **kwargs)
 
 
 def prompt_format(data: DataCfg) -> prompts.PromptFormat:

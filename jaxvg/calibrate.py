@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.steps < 1:
     raise ValueError(f"--steps must be >= 1, got {args.steps}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+                      force=True)
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
   result = calibrate(cfg, args.steps)
   print(json.dumps(result))

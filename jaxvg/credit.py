@@ -266,7 +266,9 @@ def _make_pgpo_credit_fn(cfg: CreditCfg, group_size: int):
     m.update({"pgpo/weight_max": float(w.max()) if w.size else 0.0,
               "pgpo/frac_boosted": float((w > 1.0).mean()) if w.size else 0.0})
     dep = np.asarray(dep_NT)[np.asarray(mask_NT) > 0]
-    return pgpo.pgpo_advantages(adv_NT, w_NT), m, {"token_k3": dep}
+    # "rows/..." maps keep the [N, T] layout (zeros past each response) for the sample rollouts' dependency maps.
+    rows = {"rows/token_k3": np.asarray(dep_NT), "rows/pgpo_weight": np.where(np.asarray(mask_NT) > 0, w_NT, 0.0)}
+    return pgpo.pgpo_advantages(adv_NT, w_NT), m, {"token_k3": dep, **rows}
 
   return pgpo_credit
 

@@ -292,11 +292,13 @@ def distill_step(state: update.TrainState, teacher: Teacher, micro: tuple[Distil
   return update.apply_update(state, tx, grads, [metrics])
 
 
-def make_step(cfg: Config, *, tx, group_size: int, loss_cfg: losses.PolicyLossConfig | None):
+def make_step(cfg: Config, *, tx, group_size: int, loss_cfg: losses.PolicyLossConfig | None, out_shardings=None):
   """The jitted distillation step for `cfg.distill` (the state is donated; the teacher is not)."""
   fn = functools.partial(distill_step, tx=tx, d=cfg.distill, group_size=group_size,
                          loss_cfg=loss_cfg if cfg.distill.rl_alpha > 0 else None)
-  return jax.jit(fn, donate_argnums=(0,))
+  if out_shardings is None:
+    return jax.jit(fn, donate_argnums=(0,))
+  return jax.jit(fn, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def make_teacher_pass(cfg: Config, tokenizer, group_size: int, vocab_size: int):
@@ -316,7 +318,7 @@ def make_teacher_pass(cfg: Config, tokenizer, group_size: int, vocab_size: int):
   return jax.jit(fn)
 
 
-def make_teacher(cfg: Config, model, tokenizer, initial_params) -> Teacher | None:
+def make_teacher(cfg: Config, model, tokenizer, initial_params, *, mesh=None) -> Teacher | None:
   """The frozen teacher of `cfg.distill`: the initial policy (`initial_params`, shared with the KL reference), that
   policy's warm start continued for `teacher_sft_steps` (the demo's stronger teacher), or an HF directory."""
   d = cfg.distill
@@ -332,7 +334,7 @@ def make_teacher(cfg: Config, model, tokenizer, initial_params) -> Teacher | Non
     return Teacher(*nnx.split(trained, nnx.Param))
   if not os.path.isdir(d.teacher):
     raise ValueError(f"distill.teacher={d.teacher!r} is neither 'initial' nor a local HF checkpoint directory")
-  loaded = builders.load_model(d.teacher, cfg.model)
+  loaded = builders.load_model(d.teacher, cfg.model, mesh=mesh)
   check_teacher(loaded.cfg, model.cfg)
   return Teacher(*nnx.split(loaded, nnx.Param))
 

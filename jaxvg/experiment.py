@@ -6,6 +6,7 @@ Each stage reads only its own section. Adding a field needs a caller that sets i
 import dataclasses
 
 from jaxvg.optim import OptimConfig
+from jaxvg.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,3 +151,4 @@ class Config:
   sft: SFTCfg = SFTCfg()
   sft_optim: OptimConfig = OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=10, weight_decay=0.0)
   train: TrainCfg = TrainCfg()
+  mesh: MeshConfig = MeshConfig()   # (data, fsdp, tensor) over all devices; -1 takes the rest

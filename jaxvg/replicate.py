@@ -127,9 +127,11 @@ def plan_runs(methods: list[Method], *, seeds: int, steps: int | None, common: l
 
 
 def warm_start_specs(runs: list[dict]) -> list[dict]:
-  """One warm-start job per distinct warm-start folder, built from the first run that uses it."""
+  """One warm-start job per distinct warm-start folder, built from the first run that uses it (a distillation run
+  first, if any: its job also trains the shared teacher, the warm start continued for distill.teacher_sft_steps)."""
   jobs = {}
-  for r in runs:
+  teacher_first = sorted(runs, key=lambda r: _resolve(r).distill.teacher_sft_steps == 0)
+  for r in teacher_first:
     if r["warm_dir"] and r["warm_dir"] not in jobs:
       overrides = [o for o in r["overrides"] if not o.startswith("train.out_dir=")] + [f"train.out_dir={r['warm_dir']}"]
       jobs[r["warm_dir"]] = {"kind": "warm", "method": r["method"], "seed": None, "config": r["config"],
@@ -195,6 +197,9 @@ def _warm_worker(spec: dict) -> dict:
   tokenizer, model = builders.build_model(cfg.model, cfg.data)
   model = sft.warm_start(cfg, model, tokenizer)
   graphdef, params = nnx.split(model, nnx.Param)
+  if cfg.distill.teacher_sft_steps:  # the distillation runs' teacher, trained once here like the student's start
+    from jaxvg import distill
+    distill.make_teacher(cfg, model, tokenizer, params)
   acc = {split: heldout_accuracy(cfg, graphdef, params, tokenizer, model.cfg, split=split)
          for split in ("test", "prior_conflict")}
   return {"spec": spec, "accuracy": acc["test"], "prior_conflict": acc["prior_conflict"], "device": _device()}
@@ -207,6 +212,10 @@ def _run_worker(spec: dict) -> dict:
   if spec["warm_dir"] and not os.path.exists(marker):
     shutil.rmtree(os.path.join(spec["out_dir"], "sft"), ignore_errors=True)
     shutil.copytree(os.path.join(spec["warm_dir"], "sft"), os.path.join(spec["out_dir"], "sft"))
+  teacher = os.path.join(spec["warm_dir"] or "", "teacher")
+  if spec["warm_dir"] and cfg.distill.teacher_sft_steps and os.path.isdir(teacher):
+    shutil.rmtree(os.path.join(spec["out_dir"], "teacher"), ignore_errors=True)
+    shutil.copytree(teacher, os.path.join(spec["out_dir"], "teacher"))
   stamp = os.stat(marker).st_mtime_ns if spec["warm_dir"] else None
   out = train.run(cfg)
   if spec["warm_dir"] and os.stat(marker).st_mtime_ns != stamp:

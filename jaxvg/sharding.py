@@ -106,6 +106,18 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   return shape
 
 
+def initialize_distributed() -> bool:
+  """Joins a multi-process run before JAX is used: `jax.distributed.initialize()` reads the coordinator from the
+  environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or, on a TPU pod slice / SLURM, finds it
+  itself (JAXVG_DISTRIBUTED=1). A single-host run sets neither and stays one process. Returns True when joined."""
+  if "JAX_COORDINATOR_ADDRESS" not in os.environ and os.environ.get("JAXVG_DISTRIBUTED") != "1":
+    return False
+  jax.distributed.initialize()
+  log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+           jax.local_device_count(), jax.device_count())
+  return True
+
+
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh with Auto axes (sharding propagation decides the activations')."""
   devices = jax.devices() if devices is None else list(devices)

@@ -19,22 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvg import advantages as adv_lib
-from jaxvg import (
-  builders,
-  checkpoint,
-  config_lib,
-  credit,
-  distill,
-  dynamic_sampling,
-  evaluate,
-  experiment,
-  losses,
-  metrics,
-  optim,
-  rollout,
-  sft,
-  update,
-)
+from jaxvg import builders, checkpoint, config_lib, credit, distill, dynamic_sampling, evaluate, experiment, losses
+from jaxvg import metrics, optim, rollout, sft, sharding, update
 from jaxvg import rewards as rewards_lib
 
 log = logging.getLogger("jaxvg")
@@ -47,10 +33,31 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
+def sample_rollouts(tokenizer, drawn, prepared, dep_map, group_size: int, count: int) -> list[dict]:
+  """The first rollouts of the step for samples.jsonl; with token dependency maps (PGPO), each sample also lists its
+  completion's tokens with their k3 dependency and PGPO weight (the maps' rows follow the scored micro-batches)."""
+  rows = {k[len("rows/"):]: v for k, v in dep_map.items() if k.startswith("rows/")}
+  draw = prepared[0]["draw"] if rows and prepared else 0
+  batch, rolls, texts, scores = drawn[draw]
+  tokens_NT, mask_NT = np.asarray(rolls.tokens_BT), np.asarray(rolls.mask_BT) > 0
+  samples = []
+  for n in range(min(count, len(texts))):
+    sample = {"prompt_id": batch.ids[n // group_size], "answer": batch.answers[n // group_size],
+              "completion": texts[n], **scores[n]}
+    if rows:
+      ids = tokens_NT[n][mask_NT[n]]
+      sample["tokens"] = [tokenizer.decode([int(i)]) for i in ids]
+      sample.update({name: [round(float(x), 5) for x in v[n][:len(ids)]] for name, v in rows.items()})
+    samples.append(sample)
+  return samples
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+  sharding.initialize_distributed()
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
+                      force=True)  # orbax and grain install a root handler on import
   return run(cfg)
 
 
@@ -62,8 +69,11 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     json.dump(config_lib.to_dict(cfg), f, indent=2)
   lead = jax.process_index() == 0
 
-  # ================================================================================= Model, tokenizer, data
-  tokenizer, model = builders.build_model(cfg.model, cfg.data)
+  # ================================================================================= Mesh, model, tokenizer, data
+  mesh = sharding.make_mesh(cfg.mesh)
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+  log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  tokenizer, model = builders.build_model(cfg.model, cfg.data, mesh=mesh)
   model_cfg = model.cfg
   distill.validate(cfg)
   distilling = cfg.distill.method != "none"
@@ -88,23 +98,31 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   # ================================================================================= Optimizer and state
   tx = optim.make_optimizer(cfg.optim, optim.trainable_params(model))
   state = update.init_state(model, tx)
+  # Parameters and optimizer state in their shards (logical-axis tables); batches split over (data, fsdp).
+  state_shardings = sharding.state_shardings(mesh, jax.eval_shape(lambda: state))
+  state = jax.device_put(state, state_shardings)
+  place = lambda tree: jax.device_put(tree, sharding.batch_shardings(mesh, tree))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   G = cfg.rollout.group_size
   loss_cfg = losses.preset(cfg.algo.name, kl_coef=cfg.algo.kl_coef, entropy_coef=cfg.algo.entropy_coef,
                            **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
 
   # ================================================================================= Jitted stages
   policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg),
-                        donate_argnums=(0,))
+                        donate_argnums=(0,), out_shardings=(state_shardings, replicated))
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
   # The k3 KL term's reference and the default teacher are the policy at the start of RL: one frozen copy (the live
   # params are donated), shared by both.
   needs_initial = cfg.algo.kl_coef > 0 or (distilling and cfg.distill.teacher == "initial")
   initial = jax.tree.map(jnp.copy, state.params) if needs_initial else None
   ref_params = initial if cfg.algo.kl_coef > 0 else None
-  teacher = distill.make_teacher(cfg, model, tokenizer, initial)
+  teacher = distill.make_teacher(cfg, model, tokenizer, initial, mesh=mesh)
+  if teacher is not None and teacher.params is not initial:  # a teacher of its own: shard it like a policy
+    teacher = jax.device_put(teacher, sharding.state_shardings(mesh, jax.eval_shape(lambda: teacher)))
   if distilling:
     teacher_pass = distill.make_teacher_pass(cfg, tokenizer, G, model_cfg.text.vocab_size)
-    distill_step = distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg)
+    distill_step = distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg,
+                                     out_shardings=(state_shardings, replicated))
   credit_fn = credit.make_batch_credit_fn(cfg.credit, model_cfg, tokenizer, G, fmt=fmt)
 
   # ================================================================================= Evaluate before
@@ -154,7 +172,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       p = batch.prompts
       rolls = jax.device_get(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
                                              attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
-                                             deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling))
+                                             deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
+                                             mesh=mesh if batch_axes else None, data_axes=batch_axes))
       times["sample"] += time.time() - ts
       ts = time.time()
       texts = builders.decode_completions(tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=fmt.prefill)
@@ -173,12 +192,12 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     # ---- score (old policy), advantages, credit: one micro-batch per drawn prompt batch
     ts = time.time()
     prepared = []
-    for (batch, rolls, texts, scores), keep_N in zip(drawn, keep_rows):
+    for draw, ((batch, rolls, texts, scores), keep_N) in enumerate(zip(drawn, keep_rows)):
       if not keep_N.any():
         continue
-      prompt = credit.as_prompt_inputs(batch.prompts)
-      tokens_NT = jnp.asarray(rolls.tokens_BT)
-      mask_NT = jnp.asarray(np.asarray(rolls.mask_BT) & keep_N[:, None])
+      prompt = place(credit.as_prompt_inputs(batch.prompts))
+      tokens_NT = place(jnp.asarray(rolls.tokens_BT))
+      mask_NT = place(jnp.asarray(np.asarray(rolls.mask_BT) & keep_N[:, None]))
       if uses_rl:
         logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
       else:
@@ -189,13 +208,13 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=cfg.algo.advantage),
                                            mask_NT)
       mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT, answers=batch.answers)
-      prepared.append(dict(prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, logp_ref=logp_ref,
+      prepared.append(dict(draw=draw, prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, logp_ref=logp_ref,
                            entropy=entropy,
                            adv=adv_NT, mb=mb,
                            scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
                            answers=batch.answers))
       if distilling:  # the frozen teachers' pass on these rollouts, once for all epochs
-        contexts_in = {"real": prompt, **{v: credit.counterfactual_inputs(batch.prompts, v)
+        contexts_in = {"real": prompt, **{v: place(credit.counterfactual_inputs(batch.prompts, v))
                                           for v in distill_cfs + contexts}}
         prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT))
     credit_metrics, dep_map = {}, None
@@ -255,10 +274,9 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     if "dependency/mean_image_prompts" in agg and guard.update(agg["dependency/mean_image_prompts"]):
       agg["dependency/guard_fired"] = 1.0
     reward_curve.append(agg["reward/overall"])
-    writer.write(step, agg, histograms={f"dependency/{k}": v for k, v in (dep_map or {}).items()})
-    samples = [{"prompt_id": batch.ids[n // G], "answer": batch.answers[n // G], "completion": texts[n], **scores[n]}
-               for batch, _, texts, scores in drawn[:1] for n in range(min(cfg.train.samples_logged, len(texts)))]
-    writer.write_samples(step, samples)
+    dep_map = dep_map or {}
+    writer.write(step, agg, histograms={f"dependency/{k}": v for k, v in dep_map.items() if not k.startswith("rows/")})
+    writer.write_samples(step, sample_rollouts(tokenizer, drawn, prepared, dep_map, G, cfg.train.samples_logged))
     progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
     if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
       writer.write(step, {"eval/accuracy": evaluate_now(state)})

@@ -93,8 +93,9 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")))
 def test_every_shipped_config_loads_and_names_valid_choices(name):
-  from jaxvg import credit, losses, prompts
+  from jaxvg import credit, distill, losses, prompts
   cfg = config_lib.load_config(os.path.join(CONFIGS, name))
+  distill.validate(cfg)
   assert isinstance(cfg, experiment.Config)
   prompts.get_format(cfg.data.prompt_format)
   credit.counterfactuals_needed(cfg.credit)

@@ -259,3 +259,22 @@ def test_two_micro_batches_make_the_same_update_as_one_batch(tok, method):
   for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(split_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
   np.testing.assert_allclose(full_m["distill/loss"], split_m["distill/loss"], rtol=1e-5)
+
+
+def test_a_teacher_from_an_hf_directory_is_frozen_and_checked(tok, tmp_path):
+  """distill.teacher = an HF directory: loaded (here the student's own export, so its arrays must equal the
+  student's), and a teacher with another vocabulary is refused by name."""
+  from jaxvg.models import save_hf
+  cfg = _cfg(method="opd")
+  _, student = builders.build_model(cfg.model, cfg.data)
+  save_hf(student, str(tmp_path / "teacher"))
+  cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "teacher")))
+  teacher = distill.make_teacher(cfg, student, tok, None)
+  for a, b in zip(jax.tree.leaves(nnx.split(student, nnx.Param)[1]), jax.tree.leaves(teacher.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = dataclasses.replace(student.cfg, text=dataclasses.replace(student.cfg.text, vocab_size=1000))
+  with pytest.raises(ValueError, match="vocabulary"):
+    distill.check_teacher(other, student.cfg)
+  missing = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "nothing")))
+  with pytest.raises(ValueError, match="neither 'initial' nor"):
+    distill.make_teacher(missing, student, tok, None)

@@ -32,7 +32,12 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
     assert 0.0 <= r["reward/overall"] <= 1.0
   assert any(r["step"] < 0 and "sft/sft_loss" in r for r in rows)  # the warm start logs at negative steps
   samples = [json.loads(line) for line in open(out / "samples.jsonl")]
-  assert samples and {"completion", "answer", "accuracy"} <= set(samples[0])
+  assert samples and {"completion", "answer", "accuracy", "tokens", "token_k3", "pgpo_weight"} <= set(samples[0])
+  for sample in samples:  # PGPO's dependency map rides with each sample: one k3 score and weight per token
+    assert len(sample["tokens"]) == len(sample["token_k3"]) == len(sample["pgpo_weight"]) > 0
+    assert all(0.0 <= d <= 10.0 for d in sample["token_k3"]) and all(w >= 0.0 for w in sample["pgpo_weight"])
+    # Mass conservation (methods.md 2.2): the weights of a response sum to its length.
+    assert abs(sum(sample["pgpo_weight"]) - len(sample["tokens"])) < 1e-2 * len(sample["tokens"])
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   events = EventAccumulator(str(out / "tensorboard"))
   events.Reload()
