@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from test_resume import _rl_rows  # the RL rows of a run, timings left out
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 STEPS = 5
@@ -27,8 +28,6 @@ MINI = ["--set", "sft.steps=1", "--set", "sft_optim.total_steps=1", "--set", "da
         "--set", "data.num_eval=2", "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8",
         "--set", "algo.dynamic_sampling=false", "--set", "model.tiny_width=32", "--set", "model.tiny_layers=1",
         "--set", "model.tiny_vision_width=32", "--set", f"train.steps={STEPS}", "--set", "train.keep_checkpoints=3"]
-# Wall-clock figures differ between runs; everything else must match exactly (as in test_resume).
-TIMING = ("time", "time/", "tokens_per_s")
 
 
 def _env(cache_dir):
@@ -45,15 +44,6 @@ def _finish(proc):
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, output
   return output
-
-
-def _rl_rows(out_dir):
-  rows = {}
-  for line in open(os.path.join(out_dir, "metrics.jsonl")):
-    r = json.loads(line)
-    if r["step"] >= 0 and "reward/overall" in r:
-      rows[r["step"]] = {k: v for k, v in r.items() if not k.startswith(TIMING)}  # a re-run step: the last wins
-  return rows
 
 
 def _logged_steps(out_dir):

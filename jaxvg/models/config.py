@@ -197,8 +197,9 @@ class ModelConfig:
 
 # ------------------------------------------------------------------ presets (the released checkpoints' shapes)
 
-_VISION_3B_7B = VisionConfig(intermediate_size=3420)
-_VISION_32B_72B = VisionConfig(intermediate_size=3456)
+# Released checkpoints say tokens_per_second = 2 (transformers defaults to 4; it matters for video positions only).
+_VISION_3B_7B = VisionConfig(intermediate_size=3420, tokens_per_second=2)
+_VISION_32B_72B = VisionConfig(intermediate_size=3456, tokens_per_second=2)
 
 QWEN25VL_3B = ModelConfig(
     text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
