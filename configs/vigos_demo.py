@@ -8,6 +8,10 @@ start continued for 300 more supervised steps, each in its own context: image on
 description span), the privileged reasoning prompt followed by only the student's reasoning and answer tokens
 (forward KL on T_r u T_a), the privileged full-format prompt (reverse KL on every token of invalid rollouts).
 Per-token KL clamped at 0.05, lambda 1 / 1 / 2, token means over the step's active-token counts.
+
+`--set distill.palr=true` also logs PALR on the reasoning span (two more reasoning-teacher passes per micro-batch: the
+next record's answer as the reference, the next prompt's image); the same switch on configs/opsd_demo.py gives
+OPSD's PALR on the whole response, the comparison of methods.md 4.2.
 """
 
 import dataclasses

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvg import builders, divergences, losses, prompts, sft, update, vgs, vigos
+from jaxvg.data.processing import DECOY
 from jaxvg.data.tokenizer import special_token_ids
 from jaxvg.experiment import Config, DistillCfg
 from jaxvg.scoring import PromptInputs, completion_hidden, token_logps
@@ -85,6 +86,9 @@ def validate(cfg: Config):
     vigos_config(d)
   if d.method == "vgs":
     vgs_config(d)
+  if d.palr and d.method not in ("opsd", "vigos"):
+    raise ValueError(f"distill.palr measures a privileged teacher's answer leakage: it needs distill.method opsd or "
+                     f"vigos, not {d.method!r}")
 
 
 def divergence_config(d: DistillCfg) -> divergences.DivergenceConfig:
@@ -107,10 +111,11 @@ def vgs_config(d: DistillCfg) -> vgs.VGSConfig:
 
 def prompt_variants(d: DistillCfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(counterfactuals, contexts) the data pipeline must build next to each real prompt for `d.method`."""
+  decoy = lambda name: (name + DECOY,) if d.palr else ()
   if d.method == "opsd":
-    return (), (d.teacher_context,)
+    return (), (d.teacher_context,) + decoy(d.teacher_context)
   if d.method == "vigos":
-    return ("image_only",), (REASONING_CONTEXT, REFERENCE_CONTEXT)
+    return ("image_only",), (REASONING_CONTEXT, REFERENCE_CONTEXT) + decoy(REASONING_CONTEXT)
   if d.method == "vgs":
     return ("no_image",), ()
   return (), ()
@@ -148,6 +153,7 @@ class TeacherOut:
   hidden: dict                               # name -> h_NTD on the completion grid
   spans: vigos.DescribeReasonSpans | None    # vigos
   vds_NT: jax.Array | None                   # vgs: KL(q_T(.|I,x) || q_T(.|x)) per completion token
+  shifts: dict | None = None                 # palr: "answer" / "image" -> KL(q || q with it swapped) [N, T]
 
 
 def _reasoning_only(tokens_NT, start_N, end_N):
@@ -166,40 +172,78 @@ def _back_to_grid(h_NTD, start_N):
   return jnp.take_along_axis(h_NTD, idx_NT[..., None], axis=1)
 
 
+def rolled_images(prompt: PromptInputs, image_patches: int) -> PromptInputs:
+  """The prompts with each one's image replaced by the next prompt's (every prompt holds one image of
+  `image_patches` patches, so the layout is unchanged): the image-swapped context of PALR."""
+  B = prompt.input_ids_BT.shape[0]
+  px = prompt.vision.pixel_values_PX
+  real = B * image_patches
+  rolled = jnp.concatenate([px[image_patches:real], px[:image_patches], px[real:]], axis=0)
+  return dataclasses.replace(prompt, vision=dataclasses.replace(prompt.vision, pixel_values_PX=rolled))
+
+
+def uniform_image_patches(prompt_batch) -> int:
+  """Patches per image when every prompt of a data PromptBatch holds exactly one image of one grid, else 0."""
+  num_B = np.asarray(prompt_batch.num_images_B)
+  grids = np.asarray(prompt_batch.image_grid_thw_I3)[:len(num_B)]
+  if prompt_batch.vision is None or not (num_B == 1).all() or not (grids == grids[0]).all():
+    return 0
+  return int(np.prod(grids[0]))
+
+
 def teacher_pass(teacher: Teacher, contexts: dict, tokens_NT, mask_NT, *, method: str, group_size: int,
-                 chunk_size: int = 128, vigos_tables=None, reasoning_sees_description: bool = False) -> TeacherOut:
+                 chunk_size: int = 128, vigos_tables=None, reasoning_sees_description: bool = False,
+                 image_patches: int = 0) -> TeacherOut:
   """The teachers' hidden states on the student's completion grid (pure; jit it with the static arguments).
 
   contexts: "real" -> the student's PromptInputs, and each prompt variant of `prompt_variants` by name.
   vigos_tables: (DescribeReasonFormat, brace_delta_V, brace_min_V) for vigos.
+  image_patches: > 0 with a "<context>@decoy_answer" variant present: also the PALR shifts of the privileged teacher
+    (reasoning teacher for vigos), KL(q || q with another sample's answer) and KL(q || q with the next prompt's image).
   """
   model = teacher.model()
-  hidden = lambda ctx, toks=tokens_NT, m=mask_NT: jax.lax.stop_gradient(
-      completion_hidden(model, contexts[ctx], toks, m, group_size)[0])
-  spans = vds_NT = None
+  w_DV = model.decoder.head_weight_DV()
+  hidden_of = lambda prompt, toks=tokens_NT, m=mask_NT: jax.lax.stop_gradient(
+      completion_hidden(model, prompt, toks, m, group_size)[0])
+  hidden = lambda ctx, toks=tokens_NT, m=mask_NT: hidden_of(contexts[ctx], toks, m)
+  spans = vds_NT = shifts = None
+  palr_on = image_patches > 0 and any(k.endswith(DECOY) for k in contexts)
+
+  def palr_shifts(h_NTD, h_answer_NTD, h_image_NTD):
+    kl = lambda h_other: divergences.chunked_kl(divergences.Logits(h_NTD, w_DV, stop_gradient=True),
+                                                    divergences.Logits(h_other, w_DV, stop_gradient=True),
+                                                    chunk_size=chunk_size)
+    return {"answer": kl(h_answer_NTD), "image": kl(h_image_NTD)}
+
   if method == "opd":
     out = {"teacher": hidden("real")}
   elif method == "opsd":
-    (name,) = [k for k in contexts if k != "real"]
+    (name,) = [k for k in contexts if k != "real" and not k.endswith(DECOY)]
     out = {"teacher": hidden(name)}
+    if palr_on:
+      shifts = palr_shifts(out["teacher"], hidden(name + DECOY),
+                           hidden_of(rolled_images(contexts[name], image_patches)))
   elif method == "vigos":
     fmt, delta_V, min_V = vigos_tables
     spans = vigos.describe_reason_spans(tokens_NT, mask_NT, fmt=fmt, brace_delta_V=delta_V, brace_min_V=min_V)
     if reasoning_sees_description:
-      reasoning = hidden(REASONING_CONTEXT)
+      reasoning_of = lambda prompt: hidden_of(prompt)
     else:
       toks, m = _reasoning_only(tokens_NT, spans.reasoning_start_B, spans.reasoning_end_B)
-      reasoning = _back_to_grid(hidden(REASONING_CONTEXT, toks, m), spans.reasoning_start_B)
+      reasoning_of = lambda prompt: _back_to_grid(hidden_of(prompt, toks, m), spans.reasoning_start_B)
+    reasoning = reasoning_of(contexts[REASONING_CONTEXT])
     out = {"perception": hidden("image_only"), "reasoning": reasoning, "reference": hidden(REFERENCE_CONTEXT)}
+    if palr_on:
+      shifts = palr_shifts(reasoning, reasoning_of(contexts[REASONING_CONTEXT + DECOY]),
+                           reasoning_of(rolled_images(contexts[REASONING_CONTEXT], image_patches)))
   elif method == "vgs":
     out = {"image": hidden("real"), "text": hidden("no_image")}
-    w_DV = model.decoder.head_weight_DV()
     vds_NT = vgs.chunked_vds(teacher_image=divergences.Logits(out["image"], w_DV),
                              teacher_text=divergences.Logits(out["text"], w_DV), chunk_size=chunk_size)
     vds_NT = jnp.where(mask_NT > 0, vds_NT, 0.0)
   else:
     raise ValueError(f"teacher_pass: method={method!r} is not a distillation method")
-  return TeacherOut(hidden=out, spans=spans, vds_NT=vds_NT)
+  return TeacherOut(hidden=out, spans=spans, vds_NT=vds_NT, shifts=shifts)
 
 
 # ---------------------------------------------------------------------------------------------------------- the step
@@ -245,14 +289,24 @@ def distill_loss_fn(params, graphdef, teacher_w_DV, batch: DistillBatch, *, d: D
   student = divergences.Logits(h_NTD, w_DV)
   teacher = lambda name: divergences.Logits(batch.teacher.hidden[name], teacher_w_DV, stop_gradient=True)
   mask_NT = batch.mask_NT > 0
-  if d.method in ("opd", "opsd"):
-    loss, metrics = divergences.opd_loss(student=student, teacher=teacher("teacher"), mask_BT=mask_NT,
-                                         config=divergence_config(d), aggregation=d.aggregation, count=batch.count,
-                                         chunk_size=d.chunk_size)
+  shifts = batch.teacher.shifts
+  if d.method in ("opd", "opsd"):  # divergences.opd_loss, with the per-token values kept for PALR
+    values_NT = divergences.chunked_divergence(student=student, teacher=teacher("teacher"),
+                                               config=divergence_config(d), chunk_size=d.chunk_size)
+    loss = divergences.masked_aggregate(values_NT, mask_NT, aggregation=d.aggregation, count=batch.count)
+    metrics = {"opd/divergence": jax.lax.stop_gradient(loss)}
+    supervision_NT, region_NT = values_NT, mask_NT
   elif d.method == "vigos":
     loss, metrics = vigos.vigos_loss(student=student, perception=teacher("perception"),
                                      reasoning=teacher("reasoning"), reference=teacher("reference"),
                                      spans=batch.teacher.spans, counts=batch.vigos_counts, config=vigos_config(d))
+    if shifts is not None:
+      config = vigos_config(d)
+      supervision_NT = vigos.vigos_token_values(
+          student=student, perception=teacher("perception"), reasoning=teacher("reasoning"),
+          reference=teacher("reference"), max_token_value=config.max_token_value,
+          chunk_size=config.chunk_size)["reasoning"]
+      region_NT = batch.teacher.spans.reasoning_BT
   elif d.method == "vgs":
     h_text_NTD, _ = completion_hidden(model, batch.prompt_text, batch.tokens_NT, batch.mask_NT, group_size)
     loss, metrics = vgs.vgs_loss(student_image=student, student_text=divergences.Logits(h_text_NTD, w_DV),
@@ -263,6 +317,10 @@ def distill_loss_fn(params, graphdef, teacher_w_DV, batch: DistillBatch, *, d: D
     raise ValueError(f"distill.method={d.method!r} is not a distillation method")
   metrics = dict(metrics)
   metrics["distill/loss"] = jax.lax.stop_gradient(loss)
+  if shifts is not None:  # vigos.palr's parts, summed over micro-batches: PALR = num / den
+    s_NT = jax.lax.stop_gradient(jnp.where(region_NT, supervision_NT, 0.0))
+    metrics["palr/num"] = jnp.sum(s_NT * shifts["answer"])
+    metrics["palr/den"] = jnp.sum(s_NT * (shifts["answer"] + shifts["image"]))
   if batch.policy is None:
     return loss, (metrics, {})
   p = batch.policy
@@ -287,7 +345,8 @@ def distill_step(state: update.TrainState, teacher: Teacher, micro: tuple[Distil
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     shares.append(m)
     rl.append(rl_m)
-  metrics = {k: sum(m[k] for m in shares) for k in shares[0]}
+  keys = dict.fromkeys(k for m in shares for k in m)  # a micro-batch without PALR shifts adds nothing to its sums
+  metrics = {k: sum(m[k] for m in shares if k in m) for k in keys}
   metrics.update({k: jnp.mean(jnp.stack([m[k] for m in rl])) for k in rl[0]})
   return update.apply_update(state, tx, grads, [metrics])
 
@@ -310,12 +369,13 @@ def make_teacher_pass(cfg: Config, tokenizer, group_size: int, vocab_size: int):
     fmt, delta_V, min_V = tables
     fmt_tables = (fmt, jnp.asarray(delta_V), jnp.asarray(min_V))
 
-  def fn(teacher, contexts, tokens_NT, mask_NT):
+  def fn(teacher, contexts, tokens_NT, mask_NT, image_patches=0):
     return teacher_pass(teacher, contexts, tokens_NT, mask_NT, method=d.method, group_size=group_size,
                         chunk_size=d.chunk_size, vigos_tables=fmt_tables,
-                        reasoning_sees_description=d.reasoning_teacher_sees_description)
+                        reasoning_sees_description=d.reasoning_teacher_sees_description,
+                        image_patches=image_patches)
 
-  return jax.jit(fn)
+  return jax.jit(fn, static_argnames=("image_patches",))
 
 
 def make_teacher(cfg: Config, model, tokenizer, initial_params, *, mesh=None) -> Teacher | None:

@@ -108,6 +108,7 @@ class DistillCfg:
   lambda_reasoning: float = 1.0
   lambda_reference: float = 2.0
   reasoning_teacher_sees_description: bool = False  # the paper's reading; the released code: reasoning tokens only
+  palr: bool = False                # log PALR (opsd / vigos): two more teacher passes, answer and image swapped
   # VGS
   eta: float = 1.0
   gamma: float = 2.0

@@ -191,7 +191,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
 
     # ---- score (old policy), advantages, credit: one micro-batch per drawn prompt batch
     ts = time.time()
-    prepared = []
+    prepared, palr_skipped = [], 0
     for draw, ((batch, rolls, texts, scores), keep_N) in enumerate(zip(drawn, keep_rows)):
       if not keep_N.any():
         continue
@@ -216,7 +216,11 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       if distilling:  # the frozen teachers' pass on these rollouts, once for all epochs
         contexts_in = {"real": prompt, **{v: place(credit.counterfactual_inputs(batch.prompts, v))
                                           for v in distill_cfs + contexts}}
-        prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT))
+        # PALR swaps images between prompts: only where every prompt holds one image of one grid.
+        patches = distill.uniform_image_patches(batch.prompts) if cfg.distill.palr else 0
+        palr_skipped += int(cfg.distill.palr and not patches)
+        prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT,
+                                                                       image_patches=patches))
     credit_metrics, dep_map = {}, None
     if prepared and uses_rl:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps
       advs, credit_metrics, dep_map = credit_fn(state, [d["mb"] for d in prepared], [d["logp_old"] for d in prepared],
@@ -255,7 +259,11 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     times["update"] = time.time() - ts
 
     # ---- metrics
-    agg = {k: float(np.mean([m[k] for m in step_metrics])) for k in (step_metrics[0] if step_metrics else {})}
+    keys = dict.fromkeys(k for m in step_metrics for k in m)  # PALR parts are missing from skipped updates
+    agg = {k: float(np.mean([m[k] for m in step_metrics if k in m])) for k in keys}
+    if cfg.distill.palr:  # sum_t S_t A_t / sum_t S_t (A_t + I_t) over the step (vigos.palr, methods.md 4.2)
+      agg["palr"] = agg["palr/num"] / max(agg["palr/den"], 1e-12) if "palr/num" in agg else float("nan")
+      agg["palr/skipped_batches"] = float(palr_skipped)
     all_scores = [s for d in drawn for s in d[3]]
     for name in all_scores[0]:
       agg[f"reward/{name}"] = float(np.mean([s[name] for s in all_scores]))

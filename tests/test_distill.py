@@ -278,3 +278,67 @@ def test_a_teacher_from_an_hf_directory_is_frozen_and_checked(tok, tmp_path):
   missing = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "nothing")))
   with pytest.raises(ValueError, match="neither 'initial' nor"):
     distill.make_teacher(missing, student, tok, None)
+
+
+# ---------------------------------------------------------------------------------------------------------- PALR
+
+
+def test_the_decoy_context_carries_the_next_records_answer(tok):
+  cfg = dataclasses.replace(_cfg(method="opsd", palr=True),
+                            data=dataclasses.replace(_cfg().data, prompt_format="vigos"))
+  variants, contexts = distill.prompt_variants(cfg.distill)
+  assert contexts == ("vigos_reference_teacher", "vigos_reference_teacher@decoy_answer")
+  _, model = builders.build_model(cfg.model, cfg.data)
+  from jaxvg.data import pipeline
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_train=8))
+  ds = pipeline.make_dataset(builders.source(cfg.data, "train"), tokenizer=tok,
+                             prompt=builders.prompt_config(cfg.data, contexts=contexts),
+                             data=builders.data_config(cfg.data, shuffle=False), vision=model.cfg.vision)
+  batch = next(iter(ds))
+  src = builders.source(cfg.data, "train")
+  for b in range(2):
+    text = lambda name: tok.decode(np.asarray(batch.prompts.counterfactuals[name].input_ids_BT[b]))
+    own, decoy = str(src[b]["answer"]), str(src[b + 1]["answer"])
+    block = lambda t: t.split("=== Reference Solution Begin ===")[1].split("=== Reference Solution End ===")[0]
+    assert block(text("vigos_reference_teacher")).strip() == own
+    assert block(text("vigos_reference_teacher@decoy_answer")).strip() == decoy
+
+
+def test_palr_parts_equal_the_formula_from_full_logits(tok):
+  """PALR = sum_t S_t A_t / sum_t S_t (A_t + I_t) (methods.md 4.2): S the OPSD teacher-student KL, A the teacher's KL
+  to itself with the next record's answer, I with the next prompt's image; all from full logits here."""
+  cfg = dataclasses.replace(_cfg(method="opsd", divergence="kl_teacher_student", palr=True),
+                            data=dataclasses.replace(_cfg().data, prompt_format="vigos"))
+  variants, contexts = distill.prompt_variants(cfg.distill)
+  student, ctx, tokens, mask = _batch(cfg, tok, variants, contexts)
+  teacher_model = builders.build_model(dataclasses.replace(cfg.model, seed=6), cfg.data)[1]
+  for model in (student, teacher_model):  # sharper distributions: KLs of order 1, far above float32 noise
+    model.decoder.final_norm_D[...] = 40.0 * model.decoder.final_norm_D[...]
+  teacher = distill.Teacher(*nnx.split(teacher_model, nnx.Param))
+  name = "vigos_reference_teacher"
+  grid = np.asarray(ctx[name].vision.rope_hw_P2)  # one 8 x 8 image per prompt in this batch
+  P = 64
+  assert grid.shape[0] >= 2 * P
+  out = distill.make_teacher_pass(cfg, tok, G, student.cfg.text.vocab_size)(teacher, ctx, tokens, mask,
+                                                                             image_patches=P)
+  (norms,) = distill.step_normalizers("opsd", cfg.distill, [mask], [out])
+  batch = distill.DistillBatch(prompt=ctx["real"], prompt_text=None, tokens_NT=tokens, mask_NT=mask, teacher=out,
+                               policy=None, **norms)
+  _, metrics, *_ = _loss(cfg, student, teacher, batch)
+
+  px = np.asarray(ctx[name].vision.pixel_values_PX)
+  swapped = np.concatenate([px[P:2 * P], px[:P], px[2 * P:]])  # prompt 0 sees image 1 and prompt 1 image 0
+  ctx_img = dataclasses.replace(ctx[name], vision=dataclasses.replace(ctx[name].vision,
+                                                                       pixel_values_PX=jnp.asarray(swapped)))
+  logp_s = _log_softmax(_logits(student, ctx["real"], tokens, mask))
+  logq = _log_softmax(_logits(teacher_model, ctx[name], tokens, mask))
+  logq_ans = _log_softmax(_logits(teacher_model, ctx[name + "@decoy_answer"], tokens, mask))
+  logq_img = _log_softmax(_logits(teacher_model, ctx_img, tokens, mask))
+  m = np.asarray(mask, bool)
+  S, A, I = _kl(logq, logp_s), _kl(logq, logq_ans), _kl(logq, logq_img)
+  assert (A[m] > 0).all() and (I[m] > 0).all()
+  # The answer and image shifts differ enough that exchanging them (or dropping either) would fail the check; the
+  # tolerance is float32's on products of small KLs (a random model barely moves when one input is swapped).
+  assert abs((S * A)[m].sum() - (S * I)[m].sum()) > 0.1 * (S * A)[m].sum()
+  np.testing.assert_allclose(metrics["palr/num"], (S * A)[m].sum(), rtol=1e-2)
+  np.testing.assert_allclose(metrics["palr/den"], (S * (A + I))[m].sum(), rtol=1e-2)

@@ -58,20 +58,23 @@ TINY = ["--set", "train.steps=2", "--set", "sft.steps=2", "--set", "sft_optim.to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, expected", [
-    ("vigos_demo.py", {"vigos/loss_perception", "vigos/loss_reasoning", "vigos/loss_reference", "vigos/valid_rows"}),
-    ("grpo_vgs_demo.py", {"vgs/std", "vgs/vis", "vgs/lp_fraction", "pg_loss", "adv/std"}),
+@pytest.mark.parametrize("config, extra, expected", [
+    ("vigos_demo.py", ["--set", "distill.palr=true"],
+     {"vigos/loss_perception", "vigos/loss_reasoning", "vigos/loss_reference", "vigos/valid_rows", "palr"}),
+    ("grpo_vgs_demo.py", [], {"vgs/std", "vgs/vis", "vgs/lp_fraction", "pg_loss", "adv/std"}),
 ])
-def test_distillation_recipes_train_end_to_end(tmp_path, config, expected):
+def test_distillation_recipes_train_end_to_end(tmp_path, config, extra, expected):
   """The teacher is the warm start continued (saved in out_dir/teacher), its pass runs each step, and the step logs
-  the method's terms (with the RL side's metrics when the losses are mixed)."""
+  the method's terms (with the RL side's metrics when the losses are mixed, and PALR when asked)."""
   out = tmp_path / "run"
   result = train.main(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", config),
-                       "--set", f"train.out_dir={out}", *TINY])
+                       "--set", f"train.out_dir={out}", *TINY, *extra])
   assert len(result["reward_curve"]) == 2
   rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
   rl = [r for r in rows if r["step"] >= 0 and "reward/overall" in r]
   assert [r["step"] for r in rl] == [0, 1]
   for r in rl:
     assert expected <= set(r) and r["distill/loss"] >= 0.0 and np.isfinite(r["grad_norm"])
+    if "palr" in expected:  # random completions are invalid ViGOS rollouts: no reasoning span, PALR 0 / 0 -> 0
+      assert r["palr/skipped_batches"] == 0.0 and 0.0 <= r["palr"] <= 1.0
   assert os.path.isdir(out / "teacher" / "params") and os.path.isdir(out / "sft" / "params")

@@ -94,6 +94,8 @@ class ProcessRecord:
   def __init__(self, source, processor: processing.Processor):
     self.source = source
     self.processor = processor
+    # Answer-swapped teacher contexts (PALR) read the next record's answer as the decoy.
+    self.decoy = any(c.endswith(processing.DECOY) for c in processor.config.contexts)
 
   def __call__(self, index: int):
     record_id = f"#{index}"
@@ -101,6 +103,8 @@ class ProcessRecord:
       record = self.source[index]
       if isinstance(record, dict) and record.get("id") is not None:
         record_id = str(record["id"])
+      if self.decoy and isinstance(record, dict):
+        record = {**record, "decoy_answer": self.source[(index + 1) % len(self.source)].get("answer")}
       return processing.process_record(self.processor, record)
     except processing.RecordError as e:
       return Rejected(id=record_id, reason=e.reason, detail=e.detail)

@@ -33,6 +33,7 @@ from jaxvg import prompts
 from jaxvg.models.positions import mrope_positions
 
 COUNTERFACTUALS = ("mask_visual", "no_image", "white_image", "image_only")
+DECOY = "@decoy_answer"  # a context name ending with it takes the record's "decoy_answer" as its reference
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_PAD = "<|image_pad|>"
 # Template control tokens that must not appear in user text: they would be read as image slots.
@@ -66,7 +67,9 @@ class PromptConfig:
     counterfactuals: which of COUNTERFACTUALS to build next to the real prompt.
     contexts: prompt format names (`jaxvg.prompts.FORMATS`) to build next to the real prompt with the same images
       and the record's answer as the reference: the privileged contexts of distillation teachers (OPSD, ViGOS).
-      They travel in `Example.counterfactuals` under the format's name.
+      They travel in `Example.counterfactuals` under the format's name. "<format>@decoy_answer" builds the same
+      context with the record's "decoy_answer" (another record's answer, set by the pipeline) as the reference:
+      the answer-swapped teacher of the PALR diagnostic.
   """
 
   prompt_format: str | prompts.PromptFormat = "pgpo"
@@ -88,7 +91,7 @@ class PromptConfig:
     if unknown:
       raise ValueError(f"unknown counterfactuals {unknown}; choose from {COUNTERFACTUALS}")
     for name in self.contexts:
-      prompts.get_format(name)  # a ValueError naming the unknown format
+      prompts.get_format(name.removesuffix(DECOY))  # a ValueError naming the unknown format
     if self.min_pixels > self.max_pixels:
       raise ValueError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
 
@@ -334,8 +337,13 @@ def process_record(processor: Processor, record: dict) -> Example:
         text = render(processor.tokenizer, [{"role": "user", "content": []}], "")
         variants[mode] = make_prompt(processor, text, None, no_grid)
   for name in cfg.contexts:
-    context_fmt = prompts.get_format(name)
-    text = render(processor.tokenizer, prompts.build_messages(problem, fmt=context_fmt, reference=answer),
+    context_fmt = prompts.get_format(name.removesuffix(DECOY))
+    reference = answer
+    if name.endswith(DECOY):
+      if record.get("decoy_answer") is None:
+        raise RecordError("no_decoy_answer", f"the {name} context needs the record's decoy_answer")
+      reference = str(record["decoy_answer"])
+    text = render(processor.tokenizer, prompts.build_messages(problem, fmt=context_fmt, reference=reference),
                   context_fmt.prefill)
     variants[name] = make_prompt(processor, text, pixel_values, grid)
     if len(variants[name].input_ids_T) > cfg.max_prompt_tokens:
