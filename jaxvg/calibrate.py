@@ -15,14 +15,13 @@ to write into the config's `distill.eta`. The run's logs and checkpoints go to <
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 
 import jax
 import numpy as np
 
-from jaxvg import config_lib, distill, train, vgs
+from jaxvg import config_lib, distill, metrics, train, vgs
 
 
 def calibration_config(cfg):
@@ -74,8 +73,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.steps < 1:
     raise ValueError(f"--steps must be >= 1, got {args.steps}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
-                      force=True)
+  metrics.setup_logging(sys.stderr)
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
   result = calibrate(cfg, args.steps)
   print(json.dumps(result))

@@ -4,6 +4,7 @@ Only process 0 writes (multi-host runs call every writer on every host; the othe
 """
 
 import json
+import logging
 import math
 import os
 import sys
@@ -114,3 +115,11 @@ def _fmt(seconds: float) -> str:
     return "?"
   m, s = divmod(int(seconds), 60)
   return f"{m}:{s:02d}"
+
+
+def setup_logging(stream, level: int = logging.INFO):
+  """INFO lines of jaxvg on `stream`; the libraries' own INFO chatter (orbax's per-save lines through absl, JAX's
+  backend probing) only from WARNING up. `force`: orbax and grain install a root handler on import."""
+  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=stream, force=True)
+  for name in ("absl", "jax._src.xla_bridge"):
+    logging.getLogger(name).setLevel(max(level, logging.WARNING))

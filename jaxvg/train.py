@@ -56,8 +56,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
   sharding.initialize_distributed()
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
-                      force=True)  # orbax and grain install a root handler on import
+  metrics.setup_logging(sys.stdout)
   return run(cfg)
 
 
