@@ -101,6 +101,23 @@ def random_images(sizes, seed: int = 0):
   return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
 
 
+def synthetic_config(*, width: int, layers: int, heads: int, vision_width: int, vision_depth: int, tie: bool,
+                     vocab: int = 32000):
+  """A random-weight Qwen2.5-VL-shaped ModelConfig (no checkpoint): GQA with 2 kv heads, MLP 3x the width, the vision
+  tower's last block full-attention, special ids at the top of the vocabulary."""
+  from jaxvg.models import ModelConfig
+  from jaxvg.models.config import TextConfig, VisionConfig
+  text = TextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_layers=layers,
+                    num_heads=heads, num_kv_heads=2, mrope_section=(8, 12, 12), rope_theta=1e6,
+                    tie_word_embeddings=tie)
+  vision = VisionConfig(depth=vision_depth, hidden_size=vision_width, intermediate_size=4 * vision_width,
+                        num_heads=vision_width // 64, out_hidden_size=width, fullatt_block_indexes=(vision_depth - 1,),
+                        window_size=112)
+  return ModelConfig(text=text, vision=vision, image_token_id=vocab - 4, video_token_id=vocab - 3,
+                     vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1, bos_token_id=None,
+                     eos_token_id=None)
+
+
 def prompt_ids(cfg, grid, text_tokens: int, seed: int = 0):
   """One row per image: text, <vision_start>, image pads, <vision_end>, text."""
   rng = np.random.default_rng(seed)

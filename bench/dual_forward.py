@@ -29,7 +29,6 @@ from flax import nnx  # noqa: E402
 import common  # noqa: E402
 from jaxvg import dependency, divergences, scoring  # noqa: E402
 from jaxvg.models import ModelConfig, Qwen25VL  # noqa: E402
-from jaxvg.models.config import TextConfig, VisionConfig  # noqa: E402
 
 TEXT_PROMPT, GRID, COMPLETION = 64, (1, 32, 64), 448
 KL_VOCAB, KL_TOKENS, KL_WIDTH, KL_CHUNK = 151936, 2048, 64, 256
@@ -37,22 +36,14 @@ REPEATS = 3
 
 
 def bench_config() -> ModelConfig:
-  V = 32000
-  text = TextConfig(vocab_size=V, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2,
-                    mrope_section=(8, 12, 12), rope_theta=1e6, tie_word_embeddings=False)
-  vision = VisionConfig(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
-                        fullatt_block_indexes=(3,), window_size=112)
-  return ModelConfig(text=text, vision=vision, image_token_id=V - 4, video_token_id=V - 3,
-                     vision_start_token_id=V - 2, vision_end_token_id=V - 1, bos_token_id=None, eos_token_id=None)
+  return common.synthetic_config(width=512, layers=8, heads=8, vision_width=256, vision_depth=4, tie=False)
 
 
 def inputs(cfg: ModelConfig):
   rng = np.random.default_rng(0)
   t, h, w = GRID
   n_visual = t * h * w // cfg.vision.merge_unit
-  row = (list(rng.integers(1, 1000, TEXT_PROMPT // 2)) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_visual
-         + [cfg.vision_end_token_id] + list(rng.integers(1, 1000, TEXT_PROMPT - TEXT_PROMPT // 2 - 2)))
-  ids = np.asarray([row], np.int64)
+  ids, _, _ = common.prompt_ids(cfg, [GRID], TEXT_PROMPT - 2)  # text around <vision_start> pads <vision_end>
   pixels = rng.standard_normal((t * h * w, cfg.vision.patch_dim)).astype(np.float32)
   prompt = scoring.prompt_inputs(cfg, input_ids=ids, attention_mask=np.ones_like(ids),
                                  mm_token_type_ids=(ids == cfg.image_token_id).astype(np.int64), pixel_values=pixels,

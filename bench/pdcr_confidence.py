@@ -25,29 +25,19 @@ from flax import nnx  # noqa: E402
 import common  # noqa: E402
 from jaxvg import confidence, scoring  # noqa: E402
 from jaxvg.models import ModelConfig, Qwen25VL  # noqa: E402
-from jaxvg.models.config import TextConfig, VisionConfig  # noqa: E402
 
 B, G, TEXT, GRID, STEPS, STEP_LEN, SUFFIX, ANSWER = 2, 2, 96, (1, 16, 16), 8, 64, 16, 4
 REPEATS = 2
 
 
 def bench_config() -> ModelConfig:
-  V = 32000
-  text = TextConfig(vocab_size=V, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
-                    mrope_section=(8, 12, 12), rope_theta=1e6, tie_word_embeddings=True)
-  vision = VisionConfig(depth=2, hidden_size=128, intermediate_size=512, num_heads=2, out_hidden_size=256,
-                        fullatt_block_indexes=(1,), window_size=112)
-  return ModelConfig(text=text, vision=vision, image_token_id=V - 4, video_token_id=V - 3,
-                     vision_start_token_id=V - 2, vision_end_token_id=V - 1, bos_token_id=None, eos_token_id=None)
+  return common.synthetic_config(width=256, layers=4, heads=4, vision_width=128, vision_depth=2, tie=True)
 
 
 def inputs(cfg: ModelConfig):
   rng = np.random.default_rng(0)
   t, h, w = GRID
-  n_visual = t * h * w // cfg.vision.merge_unit
-  rows = [list(rng.integers(1, 1000, TEXT // 2)) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_visual
-          + [cfg.vision_end_token_id] + list(rng.integers(1, 1000, TEXT - TEXT // 2 - 2)) for _ in range(B)]
-  ids = np.asarray(rows, np.int64)
+  ids, _, _ = common.prompt_ids(cfg, [GRID] * B, TEXT - 2)  # text around <vision_start> pads <vision_end>
   pixels = rng.standard_normal((B * t * h * w, cfg.vision.patch_dim)).astype(np.float32)
   prompt = scoring.prompt_inputs(cfg, input_ids=ids, attention_mask=np.ones_like(ids),
                                  mm_token_type_ids=(ids == cfg.image_token_id).astype(np.int64), pixel_values=pixels,

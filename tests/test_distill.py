@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxvg import builders, credit, distill, experiment, update
+from jaxvg import builders, credit, distill, experiment, update, vigos
 from jaxvg.data import tokenizer as tokenizer_lib
 from jaxvg.experiment import Config, DataCfg, DistillCfg, ModelCfg
 
@@ -35,7 +35,6 @@ def _spans(tok, tables, texts, pad_to=None):
   mask = np.zeros((len(rows), T), bool)
   for i, r in enumerate(rows):
     ids[i, :len(r)], mask[i, :len(r)] = r, True
-  from jaxvg import vigos
   spans = vigos.describe_reason_spans(jnp.asarray(ids), jnp.asarray(mask), fmt=fmt, brace_delta_V=delta_V,
                                       brace_min_V=min_V)
   return ids, spans
