@@ -66,6 +66,10 @@ def build_model(cfg: ModelCfg, data: DataCfg, *, mesh=None):
   mcfg = model_config_for(cfg, tokenizer)
   model = Qwen25VL(mcfg, rngs=nnx.Rngs(cfg.seed), dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                    remat=cfg.remat)
+  if mesh is not None:  # the same random weights on every host, each device keeping its shards
+    from jaxvg import hosts, sharding
+    state = nnx.state(model)
+    nnx.update(model, hosts.put(state, sharding.state_shardings(mesh, state)))
   return tokenizer, model
 
 

@@ -58,9 +58,20 @@ def restore_params(path: str, like):
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no parameter checkpoint at {path}")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, abstract)
+    return ckptr.restore(path, restore_target(like))
+
+
+def restore_target(like):
+  """ShapeDtypeStructs with `like`'s shardings: arrays restore in their own (whatever mesh wrote the checkpoint);
+  abstract leaves without one (`nnx.eval_shape`) restore onto this process's first device."""
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def one(x):
+    x = ocp.utils.to_shape_dtype_struct(x)
+    return x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+
+  return jax.tree.map(one, like)
 
 
 # ------------------------------------------------------------------------------------------------ training state
@@ -190,7 +201,7 @@ class Checkpointer:
     steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
     for s in steps:
       try:
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+        target = restore_target(abstract_params)
         return self._manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
       except Exception as e:
         if step is not None:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import scoring, steps
+from jaxvg import hosts, scoring, steps
 from jaxvg.prompts import BOX_OPEN, PromptFormat
 
 
@@ -177,8 +177,8 @@ def separate_confidences(params, graphdef, prompt: scoring.PromptInputs, tokens_
   """
   _check(prompt, tokens_NT, mask_NT, group_size, boundary_NK1, suffix)
   T0 = prompt.input_ids_BT.shape[1]
-  tokens, boundary = np.asarray(tokens_NT), np.asarray(boundary_NK1)
-  sfx, sfx_valid, sfx_answer = (np.asarray(x) for x in (suffix.tokens_NL, suffix.valid_NL, suffix.answer_NL))
+  tokens, boundary = hosts.to_numpy(tokens_NT), hosts.to_numpy(boundary_NK1)
+  sfx, sfx_valid, sfx_answer = (hosts.to_numpy(x) for x in (suffix.tokens_NL, suffix.valid_NL, suffix.answer_NL))
   N, K1 = boundary.shape
   out = np.zeros((N, K1), np.float32)
   for k in range(K1):
@@ -196,7 +196,7 @@ def separate_confidences(params, graphdef, prompt: scoring.PromptInputs, tokens_
       rows[n, :kk], rows[n, kk:kk + len(s)] = tokens[n, :kk], s
       row_mask[n, :kk + len(s)] = 1
       answer[n, kk:kk + len(s)] = sfx_answer[n][sfx_valid[n]]
-    logp = np.asarray(_completion_logps(params, graphdef, prompt, jnp.asarray(rows), jnp.asarray(row_mask),
+    logp = hosts.to_numpy(_completion_logps(params, graphdef, prompt, jnp.asarray(rows), jnp.asarray(row_mask),
                                         group_size))
     out[:, k] = np.where(used_N, np.sum(np.where(answer, logp, 0.0), axis=1), 0.0)
   return out

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import confidence, pdcr, pgpo, scoring, steps, update
+from jaxvg import confidence, hosts, pdcr, pgpo, scoring, steps, update
 from jaxvg.data.tokenizer import special_token_ids
 from jaxvg.dependency import COUNTERFACTUALS, DependencyGuard  # noqa: F401  (re-exported for the train script)
 from jaxvg.experiment import CreditCfg
@@ -83,7 +83,7 @@ def step_tables(tokenizer, vocab_size: int) -> steps.StepTables:
 
 def dependency_metrics(score_NT, mask_NT, has_image_N) -> dict[str, float]:
   """Mean, sparsity and image-prompt mean of a token dependency map (host side)."""
-  score, mask = np.asarray(score_NT), np.asarray(mask_NT) > 0
+  score, mask = hosts.to_numpy(score_NT), hosts.to_numpy(mask_NT) > 0
   vals = score[mask]
   img = mask & np.asarray(has_image_N, bool)[:, None]
   return {
@@ -167,9 +167,9 @@ def _masked_stats(x) -> tuple[float, float]:
 
 def step_metrics(method: str, adv: pdcr.StepAdvantages, inputs: StepInputs) -> dict[str, float]:
   """Host-side metrics: steps per response, confidences, and per cluster its size and advantage statistics."""
-  adv = jax.device_get(adv)
-  num_N = np.asarray(inputs.segments.num_steps_B)
-  c_NK1 = np.asarray(inputs.c_NK1)
+  adv = hosts.fetch(adv)
+  num_N = hosts.to_numpy(inputs.segments.num_steps_B)
+  c_NK1 = hosts.to_numpy(inputs.c_NK1)
   C = adv.step_adv_BC.shape[1]
   rows = num_N > 0
   valid_NC = np.arange(C)[None, :] < num_N[:, None]
@@ -237,8 +237,8 @@ def _make_step_batch_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, f
       row += n
     dep = None
     if cfg.method == "pdcr":
-      valid_NC = np.arange(cfg.max_steps)[None, :] < np.asarray(inputs.segments.num_steps_B)[:, None]
-      dep = {"step_V": np.asarray(adv.visual_BC)[valid_NC]}
+      valid_NC = np.arange(cfg.max_steps)[None, :] < hosts.to_numpy(inputs.segments.num_steps_B)[:, None]
+      dep = {"step_V": hosts.to_numpy(adv.visual_BC)[valid_NC]}
     return out, step_metrics(cfg.method, adv, inputs), dep
 
   return batch_credit_fn
@@ -262,12 +262,13 @@ def _make_pgpo_credit_fn(cfg: CreditCfg, group_size: int):
     w_NT = weight_fn(dep_NT, mask_NT > 0)
     has_image_N = np.repeat(np.asarray(mb.prompts.num_images_B) > 0, group_size)
     m = dependency_metrics(dep_NT, mask_NT, has_image_N)
-    w = np.asarray(w_NT)[np.asarray(mask_NT) > 0]
+    on_NT, dep_host_NT, w_host_NT = hosts.to_numpy(mask_NT) > 0, hosts.to_numpy(dep_NT), hosts.to_numpy(w_NT)
+    w = w_host_NT[on_NT]
     m.update({"pgpo/weight_max": float(w.max()) if w.size else 0.0,
               "pgpo/frac_boosted": float((w > 1.0).mean()) if w.size else 0.0})
-    dep = np.asarray(dep_NT)[np.asarray(mask_NT) > 0]
     # "rows/..." maps keep the [N, T] layout (zeros past each response) for the sample rollouts' dependency maps.
-    rows = {"rows/token_k3": np.asarray(dep_NT), "rows/pgpo_weight": np.where(np.asarray(mask_NT) > 0, w_NT, 0.0)}
+    rows = {"rows/token_k3": dep_host_NT, "rows/pgpo_weight": np.where(on_NT, w_host_NT, 0.0)}
+    dep = dep_host_NT[on_NT]
     return pgpo.pgpo_advantages(adv_NT, w_NT), m, {"token_k3": dep, **rows}
 
   return pgpo_credit

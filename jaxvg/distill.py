@@ -390,7 +390,8 @@ def make_teacher(cfg: Config, model, tokenizer, initial_params, *, mesh=None) ->
   if d.teacher == "initial":
     start = nnx.merge(graphdef, jax.tree.map(jnp.copy, initial_params))
     teacher_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, steps=d.teacher_sft_steps))
-    trained = sft.warm_start(teacher_cfg, start, tokenizer, name="teacher", origin=f"student warm start {cfg.sft!r}")
+    trained = sft.warm_start(teacher_cfg, start, tokenizer, name="teacher",
+                             origin=f"student warm start {cfg.sft!r}", mesh=mesh)
     return Teacher(*nnx.split(trained, nnx.Param))
   if not os.path.isdir(d.teacher):
     raise ValueError(f"distill.teacher={d.teacher!r} is neither 'initial' nor a local HF checkpoint directory")

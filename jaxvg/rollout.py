@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+from jaxvg import hosts
 from jaxvg.models.decoder import KVCache
 from jaxvg.models.vision import VisionInputs
 
@@ -284,7 +285,7 @@ def rollout(graphdef, params, *, input_ids_BT, attention_mask_BT, positions_3BT,
     if B % shards:
       raise ValueError(f"batch B={B} is not a multiple of the {shards} shards of mesh axes {data_axes}; "
                        "pad it with pad_to_buckets")
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    put = lambda x, spec: hosts.put(x, NamedSharding(mesh, spec))
     input_ids_BT, attention_mask_BT, deltas_B = (put(x, P(data_axes)) for x in (input_ids_BT, attention_mask_BT,
                                                                                deltas_B))
     positions_3BT = put(positions_3BT, P(None, data_axes))

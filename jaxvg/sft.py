@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import builders, checkpoint, metrics, optim, update
+from jaxvg import builders, checkpoint, hosts, metrics, optim, sharding, update
 from jaxvg.data import processing, synthetic
 from jaxvg.scoring import PromptInputs
 
@@ -63,11 +63,12 @@ def _prompt(p) -> PromptInputs:
 
 
 def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = None, *, name: str = "sft",
-               origin: str = "init"):
+               origin: str = "init", mesh=None):
   """Runs (or reuses) `cfg.sft.steps` supervised steps from `model` and returns the trained model.
 
   The result is saved in out_dir/<name> and reused while the config and `origin` (what `model` holds) are unchanged.
-  The model's arrays are donated to the first step: pass a copy to keep them.
+  The model's arrays are donated to the first step: pass a copy to keep them. With `mesh` (the model's), batches
+  are split over its batch axes; every host builds the same global batch.
   """
   graphdef, params = nnx.split(model, nnx.Param)
   path = os.path.join(cfg.train.out_dir, name)
@@ -86,7 +87,9 @@ def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = Non
   batches = reference_batches(cfg, tokenizer, model.cfg)
   for step in range(cfg.sft.steps):
     batch, tokens, mask = next(batches)
-    sft_batch = update.SFTBatch(_prompt(batch.prompts), jnp.asarray(tokens), jnp.asarray(mask))
+    sft_batch = update.SFTBatch(_prompt(batch.prompts), tokens, mask)
+    sft_batch = (jax.tree.map(jnp.asarray, sft_batch) if mesh is None
+                 else hosts.put(sft_batch, sharding.batch_shardings(mesh, sft_batch)))
     state, m = step_fn(state, sft_batch)
     if (step + 1) % 10 == 0 or step + 1 == cfg.sft.steps:
       m = jax.device_get(m)
@@ -95,6 +98,7 @@ def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = Non
         writer.write(step - cfg.sft.steps, {f"sft/{k}": v for k, v in m.items()})
   progress.close()
   checkpoint.save_params(os.path.join(path, "params"), state.graphdef, state.params)
-  with open(marker, "w") as f:
-    json.dump(signature, f)
+  if jax.process_index() == 0:
+    with open(marker, "w") as f:
+      json.dump(signature, f)
   return nnx.merge(state.graphdef, state.params)

@@ -112,7 +112,9 @@ def initialize_distributed() -> bool:
   itself (JAXVG_DISTRIBUTED=1). A single-host run sets neither and stays one process. Returns True when joined."""
   if "JAX_COORDINATOR_ADDRESS" not in os.environ and os.environ.get("JAXVG_DISTRIBUTED") != "1":
     return False
-  jax.distributed.initialize()
+  env = {name: int(os.environ[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                       ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+  jax.distributed.initialize(**env)  # JAX itself reads only the coordinator's address from the environment
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
   return True

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxvg import advantages as adv_lib
 from jaxvg import builders, checkpoint, config_lib, credit, distill, dynamic_sampling, evaluate, experiment, losses
-from jaxvg import metrics, optim, rollout, sft, sharding, update
+from jaxvg import hosts, metrics, optim, rollout, sft, sharding, update
 from jaxvg import rewards as rewards_lib
 
 log = logging.getLogger("jaxvg")
@@ -55,8 +55,8 @@ def sample_rollouts(tokenizer, drawn, prepared, dep_map, group_size: int, count:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
-  sharding.initialize_distributed()
   metrics.setup_logging(sys.stdout)
+  sharding.initialize_distributed()
   return run(cfg)
 
 
@@ -92,15 +92,16 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
 
   # ================================================================================= Supervised warm start
   if cfg.sft.steps:
-    model = sft.warm_start(cfg, model, tokenizer, writer)
+    model = sft.warm_start(cfg, model, tokenizer, writer, mesh=mesh)
 
   # ================================================================================= Optimizer and state
   tx = optim.make_optimizer(cfg.optim, optim.trainable_params(model))
   state = update.init_state(model, tx)
   # Parameters and optimizer state in their shards (logical-axis tables); batches split over (data, fsdp).
   state_shardings = sharding.state_shardings(mesh, jax.eval_shape(lambda: state))
-  state = jax.device_put(state, state_shardings)
-  place = lambda tree: jax.device_put(tree, sharding.batch_shardings(mesh, tree))
+  state = hosts.put(state, state_shardings)
+  # Every host holds the same global batch (jaxvg.hosts); each device takes its slice.
+  place = lambda tree: hosts.put(tree, sharding.batch_shardings(mesh, tree))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   G = cfg.rollout.group_size
   loss_cfg = losses.preset(cfg.algo.name, kl_coef=cfg.algo.kl_coef, entropy_coef=cfg.algo.entropy_coef,
@@ -117,7 +118,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   ref_params = initial if cfg.algo.kl_coef > 0 else None
   teacher = distill.make_teacher(cfg, model, tokenizer, initial, mesh=mesh)
   if teacher is not None and teacher.params is not initial:  # a teacher of its own: shard it like a policy
-    teacher = jax.device_put(teacher, sharding.state_shardings(mesh, jax.eval_shape(lambda: teacher)))
+    teacher = hosts.put(teacher, sharding.state_shardings(mesh, jax.eval_shape(lambda: teacher)))
   if distilling:
     teacher_pass = distill.make_teacher_pass(cfg, tokenizer, G, model_cfg.text.vocab_size)
     distill_step = distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg,
@@ -169,7 +170,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       key, sample_key = jax.random.split(key)
       ts = time.time()
       p = batch.prompts
-      rolls = jax.device_get(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
+      rolls = hosts.fetch(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
                                              attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
                                              deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
                                              mesh=mesh if batch_axes else None, data_axes=batch_axes))
@@ -252,7 +253,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
             state, m = distill_step(state, teacher, micro)
           else:
             state, m = policy_step(state, micro)
-          step_metrics.append(jax.device_get(m))
+          step_metrics.append(hosts.fetch(m))
     else:
       log.warning("step %d: no informative group was sampled; no update", step)
     times["update"] = time.time() - ts
@@ -269,7 +270,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     lengths = np.concatenate([np.asarray(d[1].lengths_B) for d in drawn])
     agg["response_length"] = float(lengths.mean())
     if prepared and uses_rl:
-      adv_all = np.concatenate([np.asarray(d["adv"])[np.asarray(d["mask"]) > 0] for d in prepared])
+      adv_all = np.concatenate([hosts.to_numpy(d["adv"])[hosts.to_numpy(d["mask"]) > 0] for d in prepared])
       agg["adv/mean"], agg["adv/std"] = float(adv_all.mean()), float(adv_all.std())
       agg["adv/abs_max"] = float(np.abs(adv_all).max()) if adv_all.size else 0.0
       agg.update(credit_metrics)
@@ -277,7 +278,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     agg.update({f"time/{k}": v for k, v in times.items()})
     agg["time/step"] = time.time() - t0
     agg["tokens_per_s"] = float(lengths.sum()) / max(times["sample"], 1e-9)
-    agg["skipped_updates"] = float(jax.device_get(state.skipped))
+    agg["skipped_updates"] = float(hosts.fetch(state.skipped))
     if "dependency/mean_image_prompts" in agg and guard.update(agg["dependency/mean_image_prompts"]):
       agg["dependency/guard_fired"] = 1.0
     reward_curve.append(agg["reward/overall"])

@@ -12,8 +12,9 @@ little more than the next index. Each epoch is shuffled differently (grain resee
 `shard_index` of `shard_count` (default jax.process_index() / jax.process_count()) reads every shard_count-th element
 of the shuffled epoch, truncated to a multiple of shard_count so that all hosts see the same number of records.
 
-Shapes are bucketed per batch (jaxvg.data.batch). With several hosts feeding one global batch, every host must pick
-the same buckets: give a single length bucket and a single patch bucket, or agree on them per step.
+Shapes are bucketed per batch (jaxvg.data.batch). When the shards are the processes of a multi-host run, each host
+processes data.batch_size / shard_count records per batch and the hosts exchange them (`jaxvg.hosts`), so every host
+collates the same global batch, with the same buckets, in the order a single process reading the whole epoch sees.
 
 Processing (image decode, transformers' image processor, chat template, tokenization, positions) runs in the grain
 map: in the iterating thread, in `read_threads` threads, or in `worker_count` worker processes (mp_prefetch).
@@ -28,6 +29,7 @@ import logging
 import grain
 import jax
 
+from jaxvg import hosts
 from jaxvg.data import processing
 from jaxvg.data.batch import Batch, collate
 from jaxvg.models.config import VisionConfig
@@ -41,7 +43,7 @@ class DataConfig:
   """Batching, order and parallelism of the pipeline.
 
   Attributes:
-    batch_size: examples per batch (per host).
+    batch_size: examples per batch (the global batch when the hosts gather; see `make_dataset`).
     seed: shuffle seed (each epoch reshuffles with a seed derived from it).
     shuffle: False keeps the source order.
     num_epochs: passes over the data; None repeats forever (training runs count steps).
@@ -116,13 +118,25 @@ def record_limits(prompt: processing.PromptConfig, data: DataConfig) -> processi
                              max_patches=max(data.patch_buckets) // data.batch_size // 4 * 4)
 
 
+def interleave(per_host: list[list]) -> list:
+  """Host p's j-th record at position j * hosts + p: host p reads elements p, p + hosts, ... of the shuffled epoch,
+  so this is the order of the unsharded epoch. Hosts that ran short (the end of a finite dataset) just drop out.
+
+  Example: [[a0, a2], [a1, a3]] -> [a0, a1, a2, a3].
+  """
+  width = max((len(h) for h in per_host), default=0)
+  return [h[j] for j in range(width) for h in per_host if j < len(h)]
+
+
 class BatchIterator(grain.DatasetIterator):
   """Skips and counts rejected records, and collates the rest into `Batch`es (always in the main process)."""
 
   def __init__(self, parent, *, data: DataConfig, prompt: processing.PromptConfig, vision: VisionConfig,
-               pad_id: int, epoch_size: int):
+               pad_id: int, epoch_size: int, hosts: int = 1):
     super().__init__(parent)
     self._data, self._prompt, self._vision, self._pad_id = data, prompt, vision, pad_id
+    self._hosts = hosts  # > 1: each host reads batch_size / hosts records, and the batch gathers every host's
+    self._local_size = data.batch_size // hosts
     self._epoch_size = epoch_size
     self._counts = {"ok": 0}
     self._streak = 0  # rejections since the last usable record
@@ -144,22 +158,26 @@ class BatchIterator(grain.DatasetIterator):
                        f"counts: {self._counts}")
 
   def __next__(self) -> Batch:
-    examples = []
-    while len(examples) < self._data.batch_size:
+    examples, exhausted = [], False
+    while len(examples) < self._local_size:
       try:
         item = next(self._parent)
       except StopIteration:
-        if self._counts["ok"] == 0:
-          raise ValueError(f"the dataset yielded no usable record; counts: {self._counts}") from None
-        if examples and not self._data.drop_remainder:
-          break
-        raise
+        exhausted = True
+        break
       if isinstance(item, Rejected):
         self._reject(item)
       else:
         examples.append(item)
         self._counts["ok"] += 1
         self._streak = 0
+    if self._hosts > 1:  # every host's records, in the order one process reading every shard would see them
+      examples = interleave(hosts.allgather_examples(examples))
+    short = len(examples) < self._data.batch_size
+    if not examples or (short and self._data.drop_remainder):
+      if self._counts["ok"] == 0 and exhausted:
+        raise ValueError(f"the dataset yielded no usable record; counts: {self._counts}")
+      raise StopIteration
     v = self._vision
     return collate(examples, batch_size=self._data.batch_size, length_buckets=self._data.length_buckets,
                    patch_buckets=self._data.patch_buckets, max_images=self._prompt.max_images, pad_id=self._pad_id,
@@ -190,8 +208,13 @@ class BatchDataset(grain.IterDataset):
 
 def make_dataset(source, *, tokenizer, prompt: processing.PromptConfig, data: DataConfig,
                  vision: VisionConfig = VisionConfig(), shard_index: int | None = None,
-                 shard_count: int | None = None) -> BatchDataset:
-  """The pipeline over `source` (len + getitem of canonical records, e.g. a reader from jaxvg.data.readers)."""
+                 shard_count: int | None = None, gather: bool | None = None) -> BatchDataset:
+  """The pipeline over `source` (len + getitem of canonical records, e.g. a reader from jaxvg.data.readers).
+
+  `gather` (default: when the shards are this run's processes): each host reads data.batch_size / shard_count
+  records of its shard per batch, and every host gets the same global batch of data.batch_size (`hosts`).
+  Otherwise each shard's iterator yields its own batches of data.batch_size.
+  """
   if vision.patch_size != prompt.patch_size or vision.spatial_merge_size != prompt.merge_size:
     raise ValueError(f"vision config (patch_size={vision.patch_size}, spatial_merge_size={vision.spatial_merge_size})"
                      f" disagrees with the prompt config (patch_size={prompt.patch_size}, "
@@ -202,6 +225,10 @@ def make_dataset(source, *, tokenizer, prompt: processing.PromptConfig, data: Da
   shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is not in [0, shard_count={shard_count})")
+  gather = shard_count > 1 and shard_count == jax.process_count() if gather is None else gather
+  hosts_count = shard_count if gather else 1
+  if data.batch_size % hosts_count:
+    raise ValueError(f"batch_size={data.batch_size} is not divisible by the {hosts_count} hosts that share it")
   n = len(source)
   per_shard = n // shard_count
   if per_shard == 0:
@@ -228,7 +255,7 @@ def make_dataset(source, *, tokenizer, prompt: processing.PromptConfig, data: Da
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count, per_worker_buffer_size=2),
                         worker_init_fn=_worker_init)
   return BatchDataset(it, data=data, prompt=prompt, vision=vision, pad_id=int(tokenizer.pad_token_id),
-                      epoch_size=per_shard)
+                      epoch_size=per_shard, hosts=hosts_count)
 
 
 def _mark_flags_parsed():
