@@ -433,7 +433,8 @@ def main(argv=None):
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
          **os.environ}
   warm = execute(warm_start_specs(runs), jobs=args.jobs, pin=args.pin, env=env)
-  results = execute(runs, jobs=args.jobs, pin=args.pin, env=env)
+  # Seed by seed, so that an interrupted invocation leaves every method with the same number of finished seeds.
+  results = execute(sorted(runs, key=lambda r: r["seed"]), jobs=args.jobs, pin=args.pin, env=env)
   for w in warm:
     w["methods"] = [r["spec"]["method"] for r in results if r["spec"]["warm_dir"] == w["spec"]["out_dir"]]
   command = shlex.join(["python", "-m", "jaxvg.replicate", *(sys.argv[1:] if argv is None else argv)])
