@@ -65,7 +65,17 @@ class AlgoCfg:
   entropy_coef: float = 0.0
   epochs: int = 1                   # passes over each rollout batch
   minibatches: int = 1              # optimizer updates per epoch
+  # Drawn prompt batches (data.prompts_per_batch each) accumulated into one optimizer update: a step samples
+  # prompts_per_batch x minibatches x micro_batches prompts, and scores and differentiates one drawn batch at a time,
+  # so the memory a pass needs is set by prompts_per_batch alone. Dynamic sampling's ds_max_tries then counts draws
+  # of micro_batches batches.
+  micro_batches: int = 1
   reward_fn: str = "jaxvg.rewards:default_reward"
+
+  def __post_init__(self):
+    for name in ("ds_max_tries", "epochs", "minibatches", "micro_batches"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"algo.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

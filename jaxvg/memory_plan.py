@@ -10,11 +10,12 @@ t = tensor size dividing heads and MLP columns where it divides them, T tokens a
 
   optimizer  = 2 * param_bytes * (trainable parameter elements per device)   AdamW mu and nu, parameters' dtype
   gradients  = param_bytes * (all parameter elements per device)         value_and_grad covers frozen towers
-  decoder layer:  b * T * c * (4D + 3NH/t + 3KH/t + 4F/t) + b * T^2 * N/t * (4 + c)
+  decoder layer:  b * T * c * (4D + 3NH/t + 3KH/t + 4F/t) + b * Q(T) * T * N/t * (4 + c)
       x, norm(x), x2, norm(x2); q, roped q, attention output; k, v, roped k; gate, up, silu(gate), product;
-      float32 scores and compute-dtype probabilities of dense attention.
-  vision block:   bP * c * (10E + 4F_v/t) + (bP)^2 * N_v/t * (4 + c),  bP = b * P
-      the tower sees the device's patches as one sequence: window and image masks are masks on dense attention.
+      float32 scores and compute-dtype probabilities of attention, Q(T) = min(T, 1024) query rows at a time
+      (jaxvg.models.layers.attention goes through longer sequences in blocks of 1024 queries).
+  vision block:   bP * c * (10E + 4F_v/t) + Q(bP) * bP * N_v/t * (4 + c),  bP = b * P
+      the tower sees the device's patches as one sequence: window and image masks are masks on its attention.
   without remat: L * layer + L_v * block
   with remat:    L * b * T * c * D + L_v * bP * c * E + max(layer, block)
       (the scan carry of every layer, plus one layer recomputed at a time)
@@ -27,13 +28,13 @@ rollout KV cache of 64 sequences x 2048 slots in bf16. GiB per device; mesh = (d
 
 | model | machine | HBM/device | mesh | weights | params | adam | grads | activations | kv cache | total |
 |---|---|---|---|---|---|---|---|---|---|---|
-| 3B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.83 | 0.56 | 9.39 |
-| 3B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 3.50 | 7.00 | 3.50 | 3.66 | 1.12 | 18.78 |
-| 3B | 8x H100 | 80 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.83 | 0.56 | 9.39 |
-| 7B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.38 | 0.88 | 18.70 |
-| 7B | TPU v5e-8 | 16 | (1, 8, 1) | bf16 | 1.93 | 3.86 | 1.93 | 2.38 | 0.88 | 10.98 |
-| 7B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 7.72 | 15.45 | 7.72 | 4.76 | 1.75 | 37.40 |
-| 7B | 8x H100 | 80 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.38 | 0.88 | 18.70 |
+| 3B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.64 | 0.56 | 9.20 |
+| 3B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 3.50 | 7.00 | 3.50 | 3.28 | 1.12 | 18.40 |
+| 3B | 8x H100 | 80 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.64 | 0.56 | 9.20 |
+| 7B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.05 | 0.88 | 18.38 |
+| 7B | TPU v5e-8 | 16 | (1, 8, 1) | bf16 | 1.93 | 3.86 | 1.93 | 2.05 | 0.88 | 10.65 |
+| 7B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 7.72 | 15.45 | 7.72 | 4.10 | 1.75 | 36.75 |
+| 7B | 8x H100 | 80 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.05 | 0.88 | 18.38 |
 
 "total" adds the rollout cache to the update's budget (an upper bound: the two phases need not overlap) and leaves
 out XLA's temporaries. 7B with float32 weights does not fit a v5e-8 chip's 16 GiB; bf16 weights (optax then keeps
@@ -49,6 +50,12 @@ from jaxvg.models.config import ModelConfig
 
 GIB = 1024**3
 _LOGIT_CHUNK = 512
+
+
+def _query_rows(n: int) -> int:
+  """Query rows whose scores attention holds at once over a sequence of n (`layers.attention`'s blocks)."""
+  from jaxvg.models.layers import QUERY_BLOCK
+  return min(n, QUERY_BLOCK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +164,10 @@ def activation_bytes(cfg: ModelConfig, mesh, *, micro_batch: int, seq_len: int, 
   T, P = seq_len, patches
   D, F, N, K, H, V = tx.hidden_size, tx.intermediate_size, tx.num_heads, tx.num_kv_heads, tx.head_dim, tx.vocab_size
   layer = b * T * c * (4 * D + 3 * _split(N, t) * H + 3 * _split(K, t) * H + 4 * _split(F, t)) \
-      + b * T * T * _split(N, t) * (4 + c)
+      + b * _query_rows(T) * T * _split(N, t) * (4 + c)
   E, VF, VN = v.hidden_size, v.intermediate_size, v.num_heads
   bP = b * P
-  block = bP * c * (10 * E + 4 * _split(VF, t)) + bP * bP * _split(VN, t) * (4 + c)
+  block = bP * c * (10 * E + 4 * _split(VF, t)) + _query_rows(bP) * bP * _split(VN, t) * (4 + c)
   if remat:
     kept = tx.num_layers * b * T * c * D + v.depth * bP * c * E + max(layer, block)
   else:

@@ -158,12 +158,13 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     times = {"sample": 0.0, "reward": 0.0}
 
     # ---- sample and reward, with DAPO's dynamic sampling: draw prompt batches until enough informative groups
-    target = cfg.data.prompts_per_batch * cfg.algo.minibatches
+    draws = cfg.algo.minibatches * cfg.algo.micro_batches  # drawn batches per step without dynamic sampling
+    target = cfg.data.prompts_per_batch * draws
     low, high = (cfg.algo.ds_low, cfg.algo.ds_high) if cfg.algo.dynamic_sampling else (-1.0, 2.0)
     accumulator = dynamic_sampling.DynamicBatch(
         target_groups=target, group_size=G, low=low, high=high,
-        max_tries=max(cfg.algo.ds_max_tries, cfg.algo.minibatches) if cfg.algo.dynamic_sampling
-        else cfg.algo.minibatches)
+        max_tries=max(cfg.algo.ds_max_tries * cfg.algo.micro_batches, draws) if cfg.algo.dynamic_sampling
+        else draws)
     drawn = []
     while not accumulator.done:
       batch = next(data_iter)

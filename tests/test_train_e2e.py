@@ -1,4 +1,5 @@
-"""The training script end to end on a minute budget: warm start, PGPO on DAPO with a KL term, logs, evaluation."""
+"""The training script end to end on a minute budget: warm start, PGPO on DAPO with a KL term, micro-batches, logs,
+evaluation."""
 
 import json
 import os
@@ -18,7 +19,7 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
       "--set", "sft_optim.total_steps=2", "--set", "data.prompts_per_batch=2", "--set", "data.num_eval=2",
       "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8", "--set", "algo.dynamic_sampling=false",
       "--set", "credit.method=pgpo", "--set", "algo.kl_coef=0.01", "--set", "model.tiny_width=32",
-      "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32",
+      "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32", "--set", "algo.micro_batches=2",
   ])
   printed = capsys.readouterr().out
   assert "accuracy before:" in printed and "accuracy after:" in printed
@@ -29,6 +30,8 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
   for r in rl:
     # PGPO ran: dependency statistics were logged, and the KL term was computed against the frozen reference.
     assert "dependency/mean" in r and "kl_ref" in r and "time/sample" in r and "dynamic_sampling/tries" in r
+    # Two drawn batches of 2 prompts, accumulated into the step's one update.
+    assert r["dynamic_sampling/tries"] == 2 and r["dynamic_sampling/groups_seen"] == 4
     assert 0.0 <= r["reward/overall"] <= 1.0
   assert any(r["step"] < 0 and "sft/sft_loss" in r for r in rows)  # the warm start logs at negative steps
   samples = [json.loads(line) for line in open(out / "samples.jsonl")]

@@ -61,13 +61,37 @@ def vision_cos_sin(rope_hw_P2, head_dim: int, theta: float):
   return jnp.cos(angles_PH), jnp.sin(angles_PH)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+# Queries per block of `attention`: the float32 scores of one block of one sequence are QUERY_BLOCK x S x N x 4 bytes
+# (512 MiB at S = 8192 with the 3B's 16 heads), where dense attention holds T x S x N at once.
+QUERY_BLOCK = 1024
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, query_block: int = QUERY_BLOCK):
   """Softmax attention with grouped kv heads: query head n reads kv head n // (N / K).
 
-  `mask_BTS` is True where query t may attend to key s. Scores and softmax are float32; a fully masked row
-  returns the mean of the values (its output is never used: such rows are padding). Heads move in front of the
-  sequence axes before the two contractions, which XLA's CPU and GPU dot emitters run as plain batched matmuls.
+  `mask_BTS` (its leading dimension B or 1) is True where query t may attend to key s. Scores and softmax are
+  float32; a fully masked row returns the mean of the values (its output is never used: such rows are padding).
+  Longer than `query_block` queries, the queries go through in blocks, each rematerialized in the backward pass:
+  every query row's softmax is its own, so the result is the dense one, and the scores held at once are one
+  block's. Heads move in front of the sequence axes before the two contractions, which XLA's CPU and GPU dot
+  emitters run as plain batched matmuls.
   """
+  B, T, N, H = q_BTNH.shape
+  if T <= query_block:
+    return _dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+  n = -(-T // query_block)
+  pad = n * query_block - T  # padding queries attend nowhere and are sliced off
+  mask_BTS = jnp.broadcast_to(mask_BTS, (mask_BTS.shape[0], T, k_BSKH.shape[1]))
+  q_CBQNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, query_block, N, H).swapaxes(0, 1)
+  mask_CBQS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0))).reshape(mask_BTS.shape[0], n, query_block, -1)
+  mask_CBQS = mask_CBQS.swapaxes(0, 1)
+  block = jax.checkpoint(lambda qm: _dense_attention(qm[0], k_BSKH, v_BSKH, qm[1]))
+  out_CBQNH = jax.lax.map(block, (q_CBQNH, mask_CBQS))
+  return out_CBQNH.swapaxes(0, 1).reshape(B, n * query_block, N, H)[:, :T]
+
+
+def _dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """`attention` in one piece: scores [B, K, N / K, T, S]."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
