@@ -22,8 +22,9 @@ and a 4096-token prompt limit follow the unofficial reimplementation. The paper 
 
 Memory: a step samples 384 prompts as 24 draws of 16 (prompts_per_batch); each update accumulates 8 of them
 (algo.micro_batches), so one pass holds 16 x 5 = 80 rollouts of <= 4,096 + 2,048 tokens. On 8 x H100 with a
-(1, 8, 1) mesh, `jaxvg.memory_plan` gives per device 1.75 GiB weights (fp32) + 3.50 Adam + 1.75 gradients + 33.4
-activations (bf16, remat, attention in blocks of 1,024 queries, 5,120 patches) + 2.1 rollout KV cache = 42.5 GiB
+(1, 8, 1) mesh, `jaxvg.memory_plan` gives per device 1.75 GiB weights (fp32) + 3.50 Adam + 1.75 gradients + 35.8
+activations (bf16, remat, attention in blocks of 1,024 queries; the vision tower on all 16 x 5,120 patches, which
+every device holds) + 2.1 rollout KV cache = 44.9 GiB
 (tests/test_config_optim.py checks every real-scale recipe's sum against 80 GiB).
 """
 

@@ -7,7 +7,7 @@ Local files (placeholders; nothing is downloaded): checkpoints/Qwen2.5-VL-7B-Ins
 tokenizer files), and the ViRL39K / MMK12 parquet files named in configs/pgpo_3b.py.
 
 Memory on 8 x H100 with a (1, 8, 1) mesh (`jaxvg.memory_plan`, the 3B recipe's micro-batch of 16 prompts x 5):
-3.86 GiB weights (fp32) + 7.73 Adam + 3.86 gradients + 45.7 activations + 3.3 KV cache = 64.4 GiB per device.
+3.86 GiB weights (fp32) + 7.73 Adam + 3.86 gradients + 48.0 activations + 3.3 KV cache = 66.7 GiB per device.
 
 The paper's 7B DAPO baseline collapses (entropy explosion) and is reported at its best pre-collapse checkpoint, step
 190 of 202; watch the entropy metric.

@@ -23,7 +23,7 @@ and set distill.eta to the printed value. Memory: the student's 3.75B x 16 bytes
 (fp32, frozen; 2 bytes with --set model.param_dtype=bfloat16 for both) = 93 GB over the mesh. A step samples 128
 prompts as 8 draws of 16, accumulated into one update (algo.micro_batches), so each pass holds 16 x 4 = 64 rollouts:
 two student passes with gradient and two teacher passes. On 8 x H100 ((1, 8, 1) mesh): 1.75 GiB weights + 3.50
-Adam + 1.75 gradients + 26.7 activations + 1.7 KV cache + 3.9 teacher = 39.3 GiB per device.
+Adam + 1.75 gradients + 31.5 activations + 1.7 KV cache + 3.9 teacher = 44.1 GiB per device.
 """
 
 from jaxvg.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg

@@ -14,8 +14,10 @@ t = tensor size dividing heads and MLP columns where it divides them, T tokens a
       x, norm(x), x2, norm(x2); q, roped q, attention output; k, v, roped k; gate, up, silu(gate), product;
       float32 scores and compute-dtype probabilities of attention, Q(T) = min(T, 1024) query rows at a time
       (jaxvg.models.layers.attention goes through longer sequences in blocks of 1024 queries).
-  vision block:   bP * c * (10E + 4F_v/t) + Q(bP) * bP * N_v/t * (4 + c),  bP = b * P
-      the tower sees the device's patches as one sequence: window and image masks are masks on its attention.
+  vision block:   bP * c * (10E + 4F_v/t) + Q(bP) * bP * N_v/t * (4 + c),  bP = b * P by default
+      the tower sees its patches as one sequence: window and image masks are masks on its attention. The training
+      loop replicates the vision inputs, so there every device runs the tower on all prompts' patches: pass
+      `tower_patches` = prompts x P (the G samples of a prompt share its image features).
   without remat: L * layer + L_v * block
   with remat:    L * b * T * c * D + L_v * bP * c * E + max(layer, block)
       (the scan carry of every layer, plus one layer recomputed at a time)
@@ -155,7 +157,7 @@ def _split(n: int, t: int) -> float:
 
 
 def activation_bytes(cfg: ModelConfig, mesh, *, micro_batch: int, seq_len: int, patches: int = 0,
-                     compute_bytes: int = 2, remat: bool = True) -> int:
+                     compute_bytes: int = 2, remat: bool = True, tower_patches: int | None = None) -> int:
   """Estimated bytes the backward pass of one micro-batch keeps per device (the formulas in the module docstring)."""
   sizes = mesh_dict(mesh)
   t = sizes["tensor"]
@@ -166,7 +168,7 @@ def activation_bytes(cfg: ModelConfig, mesh, *, micro_batch: int, seq_len: int, 
   layer = b * T * c * (4 * D + 3 * _split(N, t) * H + 3 * _split(K, t) * H + 4 * _split(F, t)) \
       + b * _query_rows(T) * T * _split(N, t) * (4 + c)
   E, VF, VN = v.hidden_size, v.intermediate_size, v.num_heads
-  bP = b * P
+  bP = b * P if tower_patches is None else tower_patches
   block = bP * c * (10 * E + 4 * _split(VF, t)) + _query_rows(bP) * bP * _split(VN, t) * (4 + c)
   if remat:
     kept = tx.num_layers * b * T * c * D + v.depth * bP * c * E + max(layer, block)
@@ -186,7 +188,7 @@ def kv_cache_bytes(cfg: ModelConfig, mesh, *, batch: int, slots: int, cache_byte
 
 def plan(cfg: ModelConfig, mesh, *, micro_batch: int, seq_len: int, patches: int = 0, cache_batch: int = 0,
          cache_len: int = 0, param_bytes: int = 4, compute_bytes: int = 2, remat: bool = True,
-         freeze_vision: bool = False) -> Plan:
+         freeze_vision: bool = False, tower_patches: int | None = None) -> Plan:
   """The per-device budget of one training configuration (see the module docstring for the formulas)."""
   all_elems = param_elements_per_device(cfg, mesh)
   trainable = param_elements_per_device(cfg, mesh, trainable="decoder/") if freeze_vision else all_elems
@@ -195,7 +197,7 @@ def plan(cfg: ModelConfig, mesh, *, micro_batch: int, seq_len: int, patches: int
       opt_state=2 * param_bytes * trainable,  # optax keeps mu and nu in the parameters' dtype
       grads=all_elems * param_bytes,
       activations=activation_bytes(cfg, mesh, micro_batch=micro_batch, seq_len=seq_len, patches=patches,
-                                   compute_bytes=compute_bytes, remat=remat),
+                                   compute_bytes=compute_bytes, remat=remat, tower_patches=tower_patches),
       kv_cache=kv_cache_bytes(cfg, mesh, batch=cache_batch, slots=cache_len, cache_bytes=compute_bytes),
   )
 

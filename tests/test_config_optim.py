@@ -107,7 +107,8 @@ def test_every_shipped_config_loads_and_names_valid_choices(name):
 def test_real_scale_recipes_fit_8_h100(name):
   """Each real-scale recipe's per-device budget on 8 x H100 ((1, 8, 1) mesh), by `jaxvg.memory_plan` on the real
   model sizes: weights, Adam, gradients, one pass's activations (a drawn batch of prompts_per_batch x group_size
-  rollouts of the longest prompt bucket + max_new_tokens, the largest image) and its KV cache, plus any frozen copy
+  rollouts of the longest prompt bucket + max_new_tokens, the largest image, the vision tower on every prompt's
+  patches on every device) and its KV cache, plus any frozen copy
   (teacher or KL reference), under the 80 GiB of one H100."""
   from jaxvg import memory_plan
   from jaxvg.models.config import QWEN25VL_3B, QWEN25VL_7B
@@ -116,9 +117,10 @@ def test_real_scale_recipes_fit_8_h100(name):
   mesh, c = (1, 8, 1), {"float32": 4, "bfloat16": 2}
   rows = cfg.data.prompts_per_batch * cfg.rollout.group_size
   seq = max(cfg.data.length_buckets) + cfg.rollout.max_new_tokens
-  plan = memory_plan.plan(models[cfg.model.preset], mesh, micro_batch=rows, seq_len=seq,
-                          patches=cfg.data.max_pixels // 14**2 * cfg.data.max_images, cache_batch=rows,
-                          cache_len=seq, param_bytes=c[cfg.model.param_dtype], compute_bytes=c[cfg.model.dtype])
+  patches = cfg.data.max_pixels // 14**2 * cfg.data.max_images
+  plan = memory_plan.plan(models[cfg.model.preset], mesh, micro_batch=rows, seq_len=seq, patches=patches,
+                          cache_batch=rows, cache_len=seq, param_bytes=c[cfg.model.param_dtype],
+                          compute_bytes=c[cfg.model.dtype], tower_patches=cfg.data.prompts_per_batch * patches)
   frozen = 0
   if cfg.algo.kl_coef > 0 or (cfg.distill.method != "none" and cfg.distill.teacher == "initial"):
     frozen += plan.params
