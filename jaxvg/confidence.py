@@ -197,6 +197,6 @@ def separate_confidences(params, graphdef, prompt: scoring.PromptInputs, tokens_
       row_mask[n, :kk + len(s)] = 1
       answer[n, kk:kk + len(s)] = sfx_answer[n][sfx_valid[n]]
     logp = hosts.to_numpy(_completion_logps(params, graphdef, prompt, jnp.asarray(rows), jnp.asarray(row_mask),
-                                        group_size))
+                                            group_size))
     out[:, k] = np.where(used_N, np.sum(np.where(answer, logp, 0.0), axis=1), 0.0)
   return out

@@ -261,8 +261,8 @@ def _make_pgpo_credit_fn(cfg: CreditCfg, group_size: int):
     dep_NT = pgpo.k3_dependency(logp_real_NT, logp_cf_NT, mask_NT)
     w_NT = weight_fn(dep_NT, mask_NT > 0)
     has_image_N = np.repeat(np.asarray(mb.prompts.num_images_B) > 0, group_size)
-    m = dependency_metrics(dep_NT, mask_NT, has_image_N)
     on_NT, dep_host_NT, w_host_NT = hosts.to_numpy(mask_NT) > 0, hosts.to_numpy(dep_NT), hosts.to_numpy(w_NT)
+    m = dependency_metrics(dep_host_NT, on_NT, has_image_N)
     w = w_host_NT[on_NT]
     m.update({"pgpo/weight_max": float(w.max()) if w.size else 0.0,
               "pgpo/frac_boosted": float((w > 1.0).mean()) if w.size else 0.0})

@@ -172,9 +172,9 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       ts = time.time()
       p = batch.prompts
       rolls = hosts.fetch(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
-                                             attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
-                                             deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
-                                             mesh=mesh if batch_axes else None, data_axes=batch_axes))
+                                          attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
+                                          deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
+                                          mesh=mesh if batch_axes else None, data_axes=batch_axes))
       times["sample"] += time.time() - ts
       ts = time.time()
       texts = builders.decode_completions(tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=fmt.prefill)
