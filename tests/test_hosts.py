@@ -3,6 +3,7 @@ gives the order of the unsharded epoch (what the hosts of a multi-host run rebui
 exchange itself runs across two processes in tests/test_train_multihost.py."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -37,7 +38,10 @@ def test_examples_round_trip_through_bytes(tok):
   assert all(isinstance(e, processing.Example) for e in examples)
   assert examples[0].counterfactuals["no_image"].pixel_values_PX is None  # None survives too
   data = hosts.encode_examples(examples)
-  assert isinstance(data, bytes) and b"pickle" not in data
+  # The layout the docstring gives: an 8-byte little-endian header length, a JSON header, then the raw buffers.
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  assert len(data) == 8 + size + sum(nbytes for _, _, nbytes in header["arrays"])
   back = hosts.decode_examples(data)
   assert len(back) == 3 and all(_same(a, b) for a, b in zip(examples, back))
   assert hosts.decode_examples(hosts.encode_examples([])) == []
