@@ -5,8 +5,9 @@ r"""PDCR on the demo: the tiny Qwen2.5-VL-style model on the synthetic dataset, 
 configs/pacr_demo.py plus PDCR's decomposition: the visual dependence of each step,
 V_k = sum_{t in step k} log pi(o_t | I) - log pi(o_t | white image), is split by Otsu over all steps of the batch into
 perception and reasoning clusters, and the confidence-gain returns are min-max normalized inside each cluster
-(methods.md sections 3 and 8). The synthetic reference solutions open with one perception step ("I see ...") followed
-by reasoning steps, so the cluster sizes (pdcr/visual_steps, pdcr/textual_steps) are worth watching.
+(methods.md sections 3 and 8). The synthetic reference solutions open with perception steps (one or two items each,
+"At the top left, a small red circle.") followed by reasoning steps of about the same length, so the cluster sizes
+(pdcr/visual_steps, pdcr/textual_steps) are worth watching.
 """
 
 import dataclasses

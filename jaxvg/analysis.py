@@ -1,6 +1,6 @@
 r"""Visual-dependency analysis of a policy: where in a completion, and where in the image, the policy uses the image.
 
-  python -m jaxvg.analysis --run runs/demo [--num 64] [--params final|sft]
+  python -m jaxvg.analysis --run runs/demo [--num 256] [--params final|sft] [--counterfactual white_image]
   python -m jaxvg.analysis --hf path/to/hf_dir --config configs/demo.py
 
 For given completions (the synthetic reference solutions of held-out prompts, or sampled rollouts), teacher-forced:
@@ -11,7 +11,10 @@ For given completions (the synthetic reference solutions of held-out prompts, or
   PGPO    token weights from k3 and the advantages A_i before and after reweighting (A_i * w_t).
 On the synthetic benchmark the generator knows which words state an image fact and which steps are perception or
 reasoning (`groundtruth`): `evaluate_groundtruth` gives the AUROC of both token scores (visual words vs reasoning
-words) and the accuracy of the Otsu step split. `occlusion_map` projects the dependency onto the image's patch grid.
+words) and the accuracy of the Otsu step split, the KL by word class (visual, reasoning, answer), the teacher-forced
+argmax accuracy of each class with the real image and under the counterfactual, and (unless --no-greedy) greedy
+held-out accuracy with the real and with a white image: a policy that reads the image scores well above its white-image
+figure. `occlusion_map` projects the dependency onto the image's patch grid.
 """
 
 import argparse
@@ -114,10 +117,16 @@ def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: st
   graphdef, state = nnx.split(model, nnx.Param)
   if run_dir is not None:
     state = checkpoint.restore_params(path, state)
+  return make_policy(cfg, tokenizer, nnx.merge(graphdef, state))
+
+
+def make_policy(config: experiment.Config, tokenizer, model) -> Policy:
+  """The policy of a model in memory (e.g. one just trained by `sft.warm_start`) under the run's config."""
+  graphdef, params = nnx.split(model, nnx.Param)
   t = credit.step_tables(tokenizer, model.cfg.text.vocab_size)
   tables = (jnp.asarray(t.is_boundary_V), jnp.asarray(t.is_fallback_V), jnp.asarray(t.is_blank_V))
-  return Policy(tokenizer=tokenizer, graphdef=graphdef, params=state, model_cfg=model.cfg,
-                fmt=builders.prompt_format(cfg.data), config=cfg, tables=tables)
+  return Policy(tokenizer=tokenizer, graphdef=graphdef, params=params, model_cfg=model.cfg,
+                fmt=builders.prompt_format(config.data), config=config, tables=tables)
 
 
 # ----------------------------------------------------------------------------------------- prompts, rollouts
@@ -125,9 +134,7 @@ def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: st
 
 def heldout_records(config: experiment.Config, num: int, *, split: str = "test") -> list[dict]:
   """The first `num` records of a held-out synthetic split, drawn with the run's data seed and image size."""
-  src = synthetic.SyntheticSource(split=split, num_records=num,
-                                  cfg=synthetic.SyntheticConfig(seed=config.data.seed,
-                                                                image_size=config.data.image_size))
+  src = synthetic.SyntheticSource(split=split, num_records=num, cfg=builders.synthetic_config(config.data))
   return [src[i] for i in range(num)]
 
 
@@ -198,6 +205,8 @@ class DependencyMaps:
   logp_cf_NT: np.ndarray  # log pi_0(y_t), the counterfactual prompt
   k3_NT: np.ndarray  # PGPO's sampled-token estimate, in [0, 10]
   kl_NT: np.ndarray  # exact KL(pi_I || pi_0) per token
+  top1_real_NT: np.ndarray  # bool: y_t is the argmax of pi_I (teacher-forced accuracy with the image)
+  top1_cf_NT: np.ndarray  # bool: y_t is the argmax of pi_0
   step_ids_NT: np.ndarray  # int32 step of each token, -1 on padding
   num_steps_N: np.ndarray  # int32 K_n
   step_v_NC: np.ndarray  # V_k = sum over the step of log pi_I - log pi_0 (PDCR)
@@ -211,8 +220,11 @@ class DependencyMaps:
 
 
 def dual_pass(model, prompt: scoring.PromptInputs, counterfactual: scoring.PromptInputs, tokens_NT, mask_NT, *,
-              group_size: int, chunk: int = 256):
-  """(log pi_I(y), log pi_0(y), KL(pi_I || pi_0)) per completion token [N, T], one forward per side, no gradient."""
+              group_size: int, chunk: int = 256, with_top1: bool = False):
+  """(log pi_I(y), log pi_0(y), KL(pi_I || pi_0)) per completion token [N, T], one forward per side, no gradient.
+
+  with_top1 adds (argmax pi_I == y, argmax pi_0 == y) [N, T]: teacher-forced accuracy with and without the image.
+  """
   h_real_NTD, _ = scoring.completion_hidden(model, prompt, tokens_NT, mask_NT, group_size)
   h_cf_NTD, _ = scoring.completion_hidden(model, counterfactual, tokens_NT, mask_NT, group_size)
   w_DV = model.decoder.head_weight_DV()
@@ -221,7 +233,10 @@ def dual_pass(model, prompt: scoring.PromptInputs, counterfactual: scoring.Promp
   logp_cf_NT = scoring.token_logps(h_cf_NTD, w_DV, tokens_NT, chunk=chunk) * m_NT
   kl_NT = divergences.chunked_kl(divergences.Logits(h_real_NTD, w_DV), divergences.Logits(h_cf_NTD, w_DV),
                                  chunk_size=chunk) * m_NT
-  return jax.lax.stop_gradient((logp_real_NT, logp_cf_NT, kl_NT))
+  if not with_top1:
+    return jax.lax.stop_gradient((logp_real_NT, logp_cf_NT, kl_NT))
+  top1 = lambda h: scoring.token_top1(h, w_DV, tokens_NT, chunk=chunk) & mask_NT.astype(bool)
+  return jax.lax.stop_gradient((logp_real_NT, logp_cf_NT, kl_NT, top1(h_real_NTD), top1(h_cf_NTD)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "group_size", "max_steps", "pgpo_cfg"))
@@ -229,8 +244,8 @@ def _maps_stage(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, ta
                 max_steps: int, pgpo_cfg: pgpo.PGPOConfig) -> dict:
   """The device side of `dependency_maps`, one compiled program."""
   C = max_steps
-  logp_real_NT, logp_cf_NT, kl_NT = dual_pass(nnx.merge(graphdef, params), prompt, counterfactual, tokens_NT, mask_NT,
-                                              group_size=group_size)
+  logp_real_NT, logp_cf_NT, kl_NT, top1_real_NT, top1_cf_NT = dual_pass(
+      nnx.merge(graphdef, params), prompt, counterfactual, tokens_NT, mask_NT, group_size=group_size, with_top1=True)
   boundary_V, fallback_V, blank_V = tables
   seg = steps.segment_steps(tokens_NT, mask_NT, is_boundary_V=boundary_V, is_fallback_V=fallback_V,
                             is_blank_V=blank_V, max_steps=C)
@@ -242,7 +257,8 @@ def _maps_stage(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, ta
                                  threshold_mode=pgpo_cfg.threshold_mode, low_weight_floor=pgpo_cfg.low_weight_floor,
                                  mass_normalize=pgpo_cfg.mass_normalize)
   out = dict(tokens_NT=tokens_NT, mask_NT=mask_NT, logp_real_NT=logp_real_NT, logp_cf_NT=logp_cf_NT, k3_NT=k3_NT,
-             kl_NT=kl_NT, step_ids_NT=seg.step_ids_BT, num_steps_N=seg.num_steps_B, step_v_NC=step_v_NC,
+             kl_NT=kl_NT, top1_real_NT=top1_real_NT, top1_cf_NT=top1_cf_NT, step_ids_NT=seg.step_ids_BT,
+             num_steps_N=seg.num_steps_B, step_v_NC=step_v_NC,
              step_kl_NC=dependency.step_scores(kl_NT, seg.step_ids_BT, C),
              step_len_NC=dependency.step_scores(mask_NT.astype(jnp.float32), seg.step_ids_BT, C),
              step_visual_NC=labels_M.reshape(-1, C), threshold=threshold, weights_NT=weights_NT,
@@ -289,8 +305,8 @@ def groundtruth_metrics(*, k3_M, kl_M, is_visual_M, is_reasoning_M, step_v_K, st
 
   Tokens that are neither visual nor reasoning count in `tokens` only. Steps are the labelled perception / reasoning
   steps (the answer segment excluded). Besides the two dependency step scores (V, the KL sum) the split is also run
-  on the per-token mean KL and on the step length alone, a control: a score is informative only when it beats it,
-  and `majority_baseline` (always the larger class).
+  on the per-token mean KL and on the step length alone, a control (in its better orientation, long or short steps
+  as perception): a score is informative only when it beats it, and `majority_baseline` (always the larger class).
   """
   visual, reasoning = np.asarray(is_visual_M, bool), np.asarray(is_reasoning_M, bool)
   perception = np.asarray(step_is_perception_K, bool)
@@ -302,8 +318,11 @@ def groundtruth_metrics(*, k3_M, kl_M, is_visual_M, is_reasoning_M, step_v_K, st
          "auroc_kl": groundtruth.token_auroc(kl_M, visual, reasoning),
          "steps": int(perception.size), "perception_steps": int(perception.sum())}
   for name, score in (("v", step_v_K), ("kl", step_kl_K),
-                      ("kl_mean", np.asarray(step_kl_K) / np.maximum(length, 1.0)), ("length", length)):
+                      ("kl_mean", np.asarray(step_kl_K) / np.maximum(length, 1.0))):
     out[f"split_accuracy_{name}"] = groundtruth.step_split_accuracy(score, perception)[0]
+  # The control takes either orientation: length gives the steps away whether perception is the long or the short side.
+  by_length = groundtruth.step_split_accuracy(length, perception)[0]
+  out["split_accuracy_length"] = max(by_length, 1.0 - by_length)
   out["majority_baseline"] = float(max(perception.mean(), 1.0 - perception.mean()))
   return out
 
@@ -319,7 +338,7 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
           for r in records]
   width = -(-(max(len(r.token_ids) for r in refs) + 1) // 32) * 32  # + EOS, one compiled width for every batch
   eos = tok.convert_tokens_to_ids("<|im_end|>")
-  acc = {k: [] for k in ("k3", "kl", "vis", "rea", "v", "skl", "len", "per")}
+  acc = {k: [] for k in ("k3", "kl", "vis", "rea", "ans", "top1", "top1_cf", "v", "skl", "len", "per")}
   for start in range(0, num, batch_size):
     part = refs[start:start + batch_size]
     arrays = groundtruth.reference_arrays(part, width=width, pad_id=int(tok.pad_token_id), eos_id=eos)
@@ -331,6 +350,9 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
     acc["kl"].append(maps.kl_NT[m])
     acc["vis"].append(arrays["is_visual_NT"][m])
     acc["rea"].append(arrays["is_reasoning_NT"][m])
+    acc["ans"].append(arrays["is_answer_NT"][m])
+    acc["top1"].append(maps.top1_real_NT[m])
+    acc["top1_cf"].append(maps.top1_cf_NT[m])
     for n, ref in enumerate(part):
       labels = groundtruth.segment_labels(maps.step_ids_NT[n, :len(ref.token_ids)], ref.step_id, ref.step_labels)
       for k, label in enumerate(labels):
@@ -344,7 +366,41 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
                             step_v_K=acc["v"], step_kl_K=acc["skl"], step_len_K=acc["len"],
                             step_is_perception_K=acc["per"])
   out["mean_kl"] = float(cat("kl").mean())
+  kl, top1, top1_cf = cat("kl"), cat("top1"), cat("top1_cf")
+  for name, key in (("visual", "vis"), ("reasoning", "rea"), ("answer", "ans")):
+    where = cat(key)
+    out[f"mean_kl_{name}"] = float(kl[where].mean()) if where.any() else float("nan")
+    out[f"tf_accuracy_{name}"] = float(top1[where].mean()) if where.any() else float("nan")
+    out[f"tf_accuracy_{name}_cf"] = float(top1_cf[where].mean()) if where.any() else float("nan")
   return {"records": num, **out}
+
+
+def white_image_records(records: list[dict]) -> list[dict]:
+  """The records with every image replaced by a white one of the same size (the white-image control)."""
+  return [{**processing.white_image_record(r), "id": f"{r['id']}-white"} for r in records]
+
+
+def greedy_accuracy(policy: Policy, records: list[dict], *, batch_size: int = 8, max_new_tokens: int | None = None,
+                    params=None) -> float:
+  """Greedy accuracy of the policy (or of `params`) on `records`, scored by the run's reward function."""
+  cfg = policy.config
+  stop = builders.stop_token_ids(policy.tokenizer)
+  sampling = rollout.SamplingConfig(num_samples=1, max_new_tokens=max_new_tokens or cfg.rollout.max_new_tokens,
+                                    temperature=0.0, stop_token_ids=stop,
+                                    pad_token_id=int(policy.tokenizer.pad_token_id))
+  reward_fn = rewards.load_reward_fn(cfg.algo.reward_fn)
+  params = policy.params if params is None else params
+  scores = []
+  for start in range(0, len(records), batch_size):
+    part = records[start:start + batch_size]
+    p = prepare_prompts(policy, part + part[-1:] * (batch_size - len(part))).prompts  # one compiled shape
+    rolls = jax.device_get(rollout.rollout(policy.graphdef, params, input_ids_BT=p.input_ids_BT,
+                                           attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
+                                           deltas_B=p.deltas_B, vision=p.vision, key=jax.random.key(0),
+                                           config=sampling))
+    texts = builders.decode_completions(policy.tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=policy.fmt.prefill)
+    scores += [reward_fn(t, r["answer"], fmt=policy.fmt)["accuracy"] for t, r in zip(texts, part)]
+  return float(np.mean(scores))
 
 
 # ----------------------------------------------------------------------------------------- image projection
@@ -508,15 +564,21 @@ def main(argv=None) -> dict:
   parser.add_argument("--params", default="final", choices=PARAMS)
   parser.add_argument("--hf", help="a Hugging Face Qwen2.5-VL directory (instead of --run)")
   parser.add_argument("--config", help="the config file for --hf (data and prompt format)")
-  parser.add_argument("--num", type=int, default=64, help="held-out synthetic records")
+  parser.add_argument("--num", type=int, default=256, help="held-out synthetic records")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--counterfactual", default="mask_visual", choices=SCORED_COUNTERFACTUALS)
   parser.add_argument("--split", default="test", choices=("test", "prior_conflict"), help="held-out synthetic split")
+  parser.add_argument("--no-greedy", dest="greedy", action="store_false",
+                      help="skip greedy accuracy with the real and the white image (the slowest part)")
   args = parser.parse_args(argv)
   t0 = time.time()
   policy = load_policy(run_dir=args.run, params=args.params, hf_dir=args.hf, config_path=args.config)
   out = evaluate_groundtruth(policy, num=args.num, batch_size=args.batch_size, split=args.split,
                              counterfactual=args.counterfactual)
+  if args.greedy:
+    records = heldout_records(policy.config, args.num, split=args.split)
+    out["greedy_accuracy"] = greedy_accuracy(policy, records, batch_size=args.batch_size)
+    out["greedy_accuracy_white"] = greedy_accuracy(policy, white_image_records(records), batch_size=args.batch_size)
   out = {"run": args.run or args.hf, "params": args.params if args.run else "hf", "counterfactual": args.counterfactual,
          "split": args.split, **out, "seconds": round(time.time() - t0, 1)}
   # An AUROC without positives or negatives is NaN: JSON null.

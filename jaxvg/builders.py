@@ -98,13 +98,19 @@ def prompt_config(data: DataCfg, *, counterfactuals=(), contexts=()) -> processi
                                  contexts=tuple(contexts))
 
 
+def synthetic_config(data: DataCfg) -> synthetic.SyntheticConfig:
+  """The synthetic generator's options from the data section."""
+  return synthetic.SyntheticConfig(seed=data.seed, image_size=data.image_size, grid=data.grid,
+                                   tasks=tuple(data.tasks), perception=data.perception,
+                                   cell_tint=data.cell_tint)
+
+
 def source(data: DataCfg, split: str):
   """A random-access record source for `split` ("train" or "eval")."""
   if data.source == "synthetic":
     n = data.num_train if split == "train" else data.num_eval
     syn_split = "train" if split == "train" else "test"
-    return synthetic.SyntheticSource(split=syn_split, num_records=n,
-                                     cfg=synthetic.SyntheticConfig(seed=data.seed, image_size=data.image_size))
+    return synthetic.SyntheticSource(split=syn_split, num_records=n, cfg=synthetic_config(data))
   path = data.path if split == "train" else (data.eval_path or data.path)
   if path is None:
     raise ValueError(f"data.source={data.source!r} needs data.path")
@@ -129,17 +135,34 @@ def make_train_data(data: DataCfg, tokenizer, model_cfg: ModelConfig, *, counter
                                data=data_config(data), vision=model_cfg.vision)
 
 
-def make_eval_data(data: DataCfg, tokenizer, model_cfg: ModelConfig) -> list:
-  """The held-out split as a fixed list of batches (one pass, no shuffle)."""
-  ds = pipeline.make_dataset(source(data, "eval"), tokenizer=tokenizer, prompt=prompt_config(data),
+class WhiteImages:
+  """A record source with every image replaced by a white one of its size (`processing.white_image_record`)."""
+
+  def __init__(self, src):
+    self.src = src
+
+  def __len__(self) -> int:
+    return len(self.src)
+
+  def __getitem__(self, index: int) -> dict:
+    return processing.white_image_record(self.src[index])
+
+
+def make_eval_data(data: DataCfg, tokenizer, model_cfg: ModelConfig, *, white_image: bool = False) -> list:
+  """The held-out split as a fixed list of batches (one pass, no shuffle); `white_image`: its white-image control."""
+  src = source(data, "eval")
+  ds = pipeline.make_dataset(WhiteImages(src) if white_image else src, tokenizer=tokenizer, prompt=prompt_config(data),
                              data=data_config(data, shuffle=False, num_epochs=1), vision=model_cfg.vision)
   return list(ds)
 
 
-def collate_examples(examples, data: DataCfg, tokenizer, model_cfg: ModelConfig) -> batch_lib.Batch:
+def collate_examples(examples, data: DataCfg, tokenizer, model_cfg: ModelConfig, *,
+                     batch_size: int | None = None) -> batch_lib.Batch:
+  """A batch of `batch_size` rows (default data.prompts_per_batch) in the data section's buckets."""
   v = model_cfg.vision
-  return batch_lib.collate(examples, batch_size=data.prompts_per_batch, length_buckets=data.length_buckets,
-                           patch_buckets=data.patch_buckets, max_images=data.max_images,
+  return batch_lib.collate(examples, batch_size=batch_size or data.prompts_per_batch,
+                           length_buckets=data.length_buckets, patch_buckets=data.patch_buckets,
+                           max_images=data.max_images,
                            pad_id=int(tokenizer.pad_token_id), spatial_merge_size=v.spatial_merge_size,
                            window_size=v.window_size, patch_size=v.patch_size)
 

@@ -389,7 +389,9 @@ def make_teacher(cfg: Config, model, tokenizer, initial_params, *, mesh=None) ->
     return Teacher(graphdef, initial_params)
   if d.teacher == "initial":
     start = nnx.merge(graphdef, jax.tree.map(jnp.copy, initial_params))
-    teacher_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, steps=d.teacher_sft_steps))
+    # The student's warm start continued: its tower has already been through the perception stage.
+    teacher_sft = dataclasses.replace(cfg.sft, steps=d.teacher_sft_steps, perception_steps=0)
+    teacher_cfg = dataclasses.replace(cfg, sft=teacher_sft)
     trained = sft.warm_start(teacher_cfg, start, tokenizer, name="teacher",
                              origin=f"student warm start {cfg.sft!r}", mesh=mesh)
     return Teacher(*nnx.split(trained, nnx.Param))

@@ -33,11 +33,17 @@ class DataCfg:
   prompt_format: str = "pgpo"      # pgpo | vgs | vigos
   num_train: int = 4096            # synthetic records
   num_eval: int = 64
-  image_size: int = 112            # synthetic image side in pixels
+  # The synthetic generator (jaxvg.data.synthetic.SyntheticConfig): image side in pixels, board, task families and
+  # the form of the perception steps. 84 = 28 x 3: each cell of the 3 x 3 board is one merged visual token.
+  image_size: int = 84
+  grid: int = 3
+  tasks: tuple[str, ...] = ("count", "color", "largest", "spatial", "digit_sum")
+  perception: str = "items"        # items (one perception step per item) | scene (one step for the whole scene)
+  cell_tint: int = 24              # near-white cell backgrounds that tell the cell's position (0: a white board)
   prompts_per_batch: int = 8
   max_prompt_tokens: int = 512
   min_pixels: int = 56 * 56
-  max_pixels: int = 112 * 112
+  max_pixels: int = 84 * 84
   length_buckets: tuple[int, ...] = (64, 128, 256, 512)
   patch_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
   max_images: int = 1
@@ -133,6 +139,11 @@ class DistillCfg:
 class SFTCfg:
   steps: int = 0                    # supervised warm-start steps on reference solutions (0: none)
   batch_size: int = 16
+  # The perception stage, run first: the vision tower and a linear probe learn what each board cell holds (synthetic
+  # data only; see jaxvg.sft). Freeze the tower afterwards (sft_optim.freeze_vision) to keep what it learned.
+  perception_steps: int = 0
+  perception_lr: float = 2e-3
+  visual_weight: float = 1.0        # loss weight of the reference words that state an image fact (others: 1)
   reuse: bool = True                # reuse a finished warm-start from out_dir
 
 
@@ -144,6 +155,7 @@ class TrainCfg:
   log_every: int = 1
   eval_every: int = 0               # 0: evaluate only before and after
   eval_greedy: bool = True
+  eval_white_image: bool = False    # also evaluate with every image white (the control of the accuracy)
   samples_logged: int = 4           # rollouts written to samples.jsonl per step
   save_every: int = 1               # checkpoint interval in RL steps (params, optimizer, RNG, data position)
   keep_checkpoints: int = 2

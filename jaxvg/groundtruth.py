@@ -36,6 +36,12 @@ class ReferenceTokens:
     labels = np.asarray(self.step_labels + ("",))  # index -1 -> ""
     return labels[self.step_id] == REASONING
 
+  @property
+  def is_answer(self) -> np.ndarray:
+    """bool [T]: tokens of the final answer segment (the closing tag's line excluded: it has no step)."""
+    labels = np.asarray(self.step_labels + ("",))
+    return labels[self.step_id] == ANSWER
+
 
 def char_labels_to_tokens(offsets, is_visual_chars, step_id_chars) -> tuple[np.ndarray, np.ndarray]:
   """Per-token (is_visual, step_id) from per-character labels and the tokens' [start, end) character offsets.
@@ -69,12 +75,12 @@ def reference_tokens(tokenizer, rendered: RenderedSolution) -> ReferenceTokens:
 def reference_arrays(refs: Sequence[ReferenceTokens], *, width: int, pad_id: int, eos_id: int | None = None) -> dict:
   """Right-padded [N, width] arrays of reference completions for a scoring pass (EOS appended when given).
 
-  Returns {"tokens_NT", "mask_NT", "is_visual_NT", "is_reasoning_NT", "step_id_NT"}; EOS and padding are neither
-  visual nor reasoning, and have step id -1.
+  Returns {"tokens_NT", "mask_NT", "is_visual_NT", "is_reasoning_NT", "is_answer_NT", "step_id_NT"}; EOS and
+  padding are none of the three classes, and have step id -1.
   """
   out = {"tokens_NT": np.full((len(refs), width), pad_id, np.int32), "mask_NT": np.zeros((len(refs), width), bool),
          "is_visual_NT": np.zeros((len(refs), width), bool), "is_reasoning_NT": np.zeros((len(refs), width), bool),
-         "step_id_NT": np.full((len(refs), width), -1, np.int32)}
+         "is_answer_NT": np.zeros((len(refs), width), bool), "step_id_NT": np.full((len(refs), width), -1, np.int32)}
   for n, r in enumerate(refs):
     ids = list(r.token_ids) + ([] if eos_id is None else [eos_id])
     if len(ids) > width:
@@ -82,6 +88,7 @@ def reference_arrays(refs: Sequence[ReferenceTokens], *, width: int, pad_id: int
     L = len(r.token_ids)
     out["tokens_NT"][n, :len(ids)], out["mask_NT"][n, :len(ids)] = ids, True
     out["is_visual_NT"][n, :L], out["is_reasoning_NT"][n, :L] = r.is_visual, r.is_reasoning
+    out["is_answer_NT"][n, :L] = r.is_answer
     out["step_id_NT"][n, :L] = r.step_id
   return out
 

@@ -158,7 +158,7 @@ def heldout_accuracy(cfg, graphdef, params, tokenizer, model_cfg, *, split: str)
   if cfg.data.source != "synthetic":
     return float("nan")
   source = synthetic.SyntheticSource(split=split, num_records=cfg.data.num_eval,
-                                     cfg=synthetic.SyntheticConfig(seed=cfg.data.seed, image_size=cfg.data.image_size))
+                                     cfg=builders.synthetic_config(cfg.data))
   batches = list(pipeline.make_dataset(source, tokenizer=tokenizer, prompt=builders.prompt_config(cfg.data),
                                        data=builders.data_config(cfg.data, shuffle=False, num_epochs=1),
                                        vision=model_cfg.vision))

@@ -81,6 +81,22 @@ def token_logps(h_NTD, w_DV, tokens_NT, *, chunk: int = 512, with_entropy: bool 
   return (unchunk(logp_CNc), unchunk(ent_CNc)) if with_entropy else unchunk(logp_CNc)
 
 
+def token_top1(h_NTD, w_DV, tokens_NT, *, chunk: int = 512):
+  """bool [N, T]: the token is the argmax of its next-token distribution (teacher-forced accuracy), chunked along T."""
+  N, T, D = h_NTD.shape
+  chunk = min(chunk, T)
+  pad = -T % chunk
+  h_CNcD = jnp.pad(h_NTD, ((0, 0), (0, pad), (0, 0))).reshape(N, -1, chunk, D).swapaxes(0, 1)
+  t_CNc = jnp.pad(tokens_NT, ((0, 0), (0, pad))).reshape(N, -1, chunk).swapaxes(0, 1)
+
+  def one(args):
+    h_NcD, t_Nc = args
+    logits_NcV = jnp.einsum("NcD,DV->NcV", h_NcD, w_DV.astype(h_NcD.dtype), preferred_element_type=jnp.float32)
+    return jnp.argmax(logits_NcV, axis=-1) == t_Nc
+
+  return jax.lax.map(one, (h_CNcD, t_CNc)).swapaxes(0, 1).reshape(N, -1)[:, :T]
+
+
 def completion_logps(model, prompt: PromptInputs, tokens_NT, mask_NT, group_size: int, *, chunk: int = 512,
                      with_entropy: bool = False):
   """log pi(completion tokens | prompt) [N, T] under `model` (zero where mask is 0), optionally with entropies."""

@@ -81,6 +81,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   variants = tuple(dict.fromkeys(credit.counterfactuals_needed(cfg.credit) + distill_cfs))
   train_data = builders.make_train_data(cfg.data, tokenizer, model_cfg, counterfactuals=variants, contexts=contexts)
   eval_data = builders.make_eval_data(cfg.data, tokenizer, model_cfg)
+  white_data = (builders.make_eval_data(cfg.data, tokenizer, model_cfg, white_image=True)
+                if cfg.train.eval_white_image else None)
   fmt = builders.prompt_format(cfg.data)
   reward_fn = rewards_lib.load_reward_fn(cfg.algo.reward_fn)
   stop_ids = builders.stop_token_ids(tokenizer)
@@ -126,10 +128,13 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   credit_fn = credit.make_batch_credit_fn(cfg.credit, model_cfg, tokenizer, G, fmt=fmt)
 
   # ================================================================================= Evaluate before
-  def evaluate_now(state):
-    return evaluate.accuracy(state.graphdef, state.params, eval_data, tokenizer=tokenizer, fmt=fmt,
+  def evaluate_now(state, data=eval_data):
+    return evaluate.accuracy(state.graphdef, state.params, data, tokenizer=tokenizer, fmt=fmt,
                              reward_fn=reward_fn, max_new_tokens=cfg.rollout.max_new_tokens,
                              stop_token_ids=stop_ids, greedy=cfg.train.eval_greedy)
+
+  def evaluate_white(state):  # the same split with white images: what the policy gets without looking
+    return None if white_data is None else evaluate_now(state, white_data)
 
   # ================================================================================= Resume, or evaluate before
   key = jax.random.key(cfg.train.seed)
@@ -144,9 +149,10 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     data_iter.set_state(restored.data_state)
     run_info = ckpt.config(restored.step)
     acc_before, reward_curve = run_info["accuracy_before"], list(run_info["reward_curve"])
+    white_before = run_info.get("white_accuracy_before")
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
   else:
-    acc_before = evaluate_now(state)
+    acc_before, white_before = evaluate_now(state), evaluate_white(state)
   log.info("accuracy before: %.4f", acc_before)
 
   # ================================================================================= RL loop
@@ -292,7 +298,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
 
     # ---- checkpoint (asynchronous); on SIGTERM (preemption, maintenance) save now and leave
     preempted = checkpoint.should_stop(stop)
-    run_info = {"config": config_lib.to_dict(cfg), "accuracy_before": acc_before, "reward_curve": reward_curve}
+    run_info = {"config": config_lib.to_dict(cfg), "accuracy_before": acc_before, "reward_curve": reward_curve,
+                "white_accuracy_before": white_before}
     ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=run_info, force=preempted)
     if preempted:
       ckpt.close()
@@ -302,13 +309,18 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   ckpt.close()
 
   # ================================================================================= Evaluate after, save
-  acc_after = evaluate_now(state)
-  writer.write(cfg.train.steps, {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after})
+  acc_after, white_after = evaluate_now(state), evaluate_white(state)
+  summary = {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after}
+  if white_data is not None:
+    summary |= {"eval/white_accuracy_before": white_before, "eval/white_accuracy_after": white_after}
+  writer.write(cfg.train.steps, summary)
   checkpoint.save_params(os.path.join(out_dir, "final"), state.graphdef, state.params)
   writer.close()
-  print(f"accuracy before: {acc_before:.4f}")
-  print(f"accuracy after: {acc_after:.4f}")
-  return {"accuracy_before": acc_before, "accuracy_after": acc_after, "reward_curve": reward_curve}
+  white = lambda acc: "" if acc is None else f"   (white image: {acc:.4f})"
+  print(f"accuracy before: {acc_before:.4f}{white(white_before)}")
+  print(f"accuracy after: {acc_after:.4f}{white(white_after)}")
+  return {"accuracy_before": acc_before, "accuracy_after": acc_after, "white_accuracy_before": white_before,
+          "white_accuracy_after": white_after, "reward_curve": reward_curve}
 
 
 if __name__ == "__main__":

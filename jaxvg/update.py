@@ -109,15 +109,21 @@ class SFTBatch:
   prompt: scoring.PromptInputs
   tokens_NT: jax.Array   # reference solution tokens (one per prompt)
   mask_NT: jax.Array
+  weight_NT: jax.Array | None = None  # float per-token loss weights (None: the mask)
 
 
 def sft_loss_fn(params, graphdef, batch: SFTBatch):
-  """Mean negative log-likelihood of the reference tokens (token mean over the batch)."""
+  """Weighted mean negative log-likelihood of the reference tokens: sum_t w_t (-log p_t) / sum_t w_t over the batch.
+
+  `sft_loss` is the weighted loss that is optimized, `sft_nll` the plain token mean (comparable across weightings).
+  """
   model = nnx.merge(graphdef, params)
   logp_NT = scoring.completion_logps(model, batch.prompt, batch.tokens_NT, batch.mask_NT, 1)
-  count = jnp.maximum(jnp.sum(batch.mask_NT), 1)
-  loss = -jnp.sum(logp_NT) / count
-  return loss, {"sft_loss": loss, "sft_tokens": count.astype(jnp.float32)}
+  mask_NT = batch.mask_NT.astype(jnp.float32)
+  weight_NT = mask_NT if batch.weight_NT is None else batch.weight_NT * mask_NT
+  count = jnp.maximum(jnp.sum(mask_NT), 1.0)
+  loss = -jnp.sum(weight_NT * logp_NT) / jnp.maximum(jnp.sum(weight_NT), 1e-6)
+  return loss, {"sft_loss": loss, "sft_nll": -jnp.sum(logp_NT * mask_NT) / count, "sft_tokens": count}
 
 
 def sft_step(state: TrainState, batch: SFTBatch, *, tx):

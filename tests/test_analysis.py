@@ -324,6 +324,11 @@ def test_groundtruth_metrics_by_hand():
   assert got["split_accuracy_v"] == 1.0 and got["split_accuracy_length"] == 1.0
   assert got["split_accuracy_kl"] == pytest.approx(0.4) and got["split_accuracy_kl_mean"] == pytest.approx(0.2)
   assert got["majority_baseline"] == pytest.approx(0.6)
+  # Lengths that give the steps away the other way round (perception short) score as well: 1.0, not 0.0.
+  flipped = analysis.groundtruth_metrics(
+      k3_M=[1.0], kl_M=[1.0], is_visual_M=[1], is_reasoning_M=[0], step_v_K=[1, 1, 0, 0, 0], step_kl_K=[1, 1, 0, 0, 0],
+      step_len_K=[3, 4, 10, 12, 11], step_is_perception_K=[1, 1, 0, 0, 0])
+  assert flipped["split_accuracy_length"] == 1.0
   with pytest.raises(ValueError, match="no labelled"):
     analysis.groundtruth_metrics(k3_M=[1.0], kl_M=[1.0], is_visual_M=[1], is_reasoning_M=[0], step_v_K=[],
                                  step_kl_K=[], step_len_K=[], step_is_perception_K=[])

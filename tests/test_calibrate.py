@@ -58,7 +58,8 @@ def test_calibration_config_is_standard_opd_with_vgs_passes():
 def test_calibrate_command_prints_eta_from_its_means(tmp_path, capsys):
   result = calibrate.main([
       "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "vgs_demo.py"), "--steps", "2",
-      "--set", f"train.out_dir={tmp_path}", "--set", "sft.steps=2", "--set", "sft_optim.total_steps=2",
+      "--set", f"train.out_dir={tmp_path}", "--set", "sft.steps=2",
+        "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2", "--set", "sft_optim.total_steps=2",
       "--set", "distill.teacher_sft_steps=2", "--set", "data.prompts_per_batch=2", "--set", "data.num_eval=2",
       "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8", "--set", "model.tiny_width=32",
       "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32"])

@@ -23,8 +23,10 @@ _score = jax.jit(update.score_fn, static_argnums=(1, 5))
 
 @pytest.fixture(scope="module")
 def setup():
+  # The one-step-per-scene form of the solutions: every rollout has at most MAX_STEPS steps, which the naive
+  # references below assume.
   data = DataCfg(source="synthetic", num_train=4, prompts_per_batch=2, image_size=84, min_pixels=56 * 56,
-                 max_pixels=56 * 56, length_buckets=(128,), patch_buckets=(64,))
+                 max_pixels=56 * 56, length_buckets=(128,), patch_buckets=(64,), perception="scene", cell_tint=0)
   tok, model = builders.build_model(ModelCfg(preset="tiny", tiny_width=32, tiny_layers=2), data)
   batch = next(iter(builders.make_train_data(data, tok, model.cfg, counterfactuals=("mask_visual", "white_image"))))
   src = builders.source(data, "train")

@@ -140,6 +140,10 @@ def test_reference_solutions_map_onto_tokens(tok, fmt):
     assert arrays["mask_NT"][n].sum() == L + 1 and arrays["tokens_NT"][n, L] == eos
     np.testing.assert_array_equal(arrays["is_visual_NT"][n, :L], r.is_visual)
     assert not arrays["is_visual_NT"][n, L:].any() and not arrays["is_reasoning_NT"][n, L:].any()
+    # The answer class is the boxed answer's segment: its tokens decode to text that holds the \boxed{...} answer.
+    answer_text = tok.decode([int(t) for t in r.token_ids[arrays["is_answer_NT"][n, :L]]])
+    assert "\\boxed{" in answer_text and not arrays["is_answer_NT"][n, L:].any()
+    assert not (arrays["is_answer_NT"][n] & (arrays["is_visual_NT"][n] | arrays["is_reasoning_NT"][n])).any()
   # An oracle score (1 on visual tokens, 0 elsewhere) ranks perfectly; its negation perfectly wrong.
   oracle = arrays["is_visual_NT"].astype(float)
   assert groundtruth.token_auroc(oracle, arrays["is_visual_NT"], arrays["is_reasoning_NT"]) == 1.0

@@ -12,7 +12,8 @@ import pytest
 from jaxvg import metrics, replicate
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-MINI = ["--set", "sft.steps=1", "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
+MINI = ["--set", "sft.steps=1", "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
+        "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
         "--set", "data.num_eval=2", "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8",
         "--set", "algo.ds_max_tries=2", "--set", "model.tiny_width=32", "--set", "model.tiny_layers=1",
         "--set", "model.tiny_vision_width=32"]
@@ -54,7 +55,7 @@ def test_plan_shares_the_warm_start_and_checks_the_budget(tmp_path):
   assert warm[0]["overrides"][-1] == f"train.out_dir={runs[0]['warm_dir']}"
   assert sum(o.startswith("train.out_dir=") for o in warm[0]["overrides"]) == 1
   # a change to the data section is a different warm start
-  other = replicate.plan_runs(methods[:1], seeds=1, steps=5, common=["data.image_size=84"], out_dir=str(tmp_path))
+  other = replicate.plan_runs(methods[:1], seeds=1, steps=5, common=["data.image_size=112"], out_dir=str(tmp_path))
   assert other[0]["warm_dir"] != runs[0]["warm_dir"]
   with pytest.raises(ValueError, match="--seeds"):
     replicate.plan_runs(methods, seeds=0, steps=5, common=[], out_dir=str(tmp_path))

@@ -12,7 +12,8 @@ import pytest
 from jaxvg import train
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-MINI = ["--set", "sft.steps=1", "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
+MINI = ["--set", "sft.steps=1", "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
+        "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
         "--set", "data.num_eval=2", "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8",
         "--set", "algo.dynamic_sampling=false", "--set", "model.tiny_width=32", "--set", "model.tiny_layers=1",
         "--set", "model.tiny_vision_width=32", "--set", "train.steps=3"]

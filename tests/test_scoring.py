@@ -63,3 +63,13 @@ def test_token_logps_chunking_is_exact_and_entropy_is_correct():
   f = lambda h, c: scoring.token_logps(h, w, t, chunk=c).sum()
   g_ref = jax.grad(lambda h: jnp.take_along_axis(jax.nn.log_softmax(h @ w), t[..., None], -1).sum())(h)
   np.testing.assert_allclose(jax.grad(f)(h, 3), g_ref, atol=1e-5)
+
+
+def test_token_top1_is_the_argmax_of_the_full_logits():
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+  argmax = np.argmax(np.einsum("ntd,dv->ntv", np.asarray(h), np.asarray(w)), axis=-1)
+  tokens = np.where(rng.random((2, 7)) < 0.5, argmax, (argmax + 1) % 11)
+  for chunk in (3, 7, 16):  # a padded last chunk, one chunk, a chunk longer than T
+    np.testing.assert_array_equal(scoring.token_top1(h, w, jnp.asarray(tokens), chunk=chunk), tokens == argmax)

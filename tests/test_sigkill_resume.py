@@ -24,7 +24,8 @@ from test_resume import _rl_rows  # the RL rows of a run, timings left out
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 STEPS = 5
 KILL_AFTER = 1  # kill once the checkpoint of this RL step exists
-MINI = ["--set", "sft.steps=1", "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
+MINI = ["--set", "sft.steps=1", "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
+        "--set", "sft_optim.total_steps=1", "--set", "data.prompts_per_batch=2",
         "--set", "data.num_eval=2", "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8",
         "--set", "algo.dynamic_sampling=false", "--set", "model.tiny_width=32", "--set", "model.tiny_layers=1",
         "--set", "model.tiny_vision_width=32", "--set", f"train.steps={STEPS}", "--set", "train.keep_checkpoints=3"]

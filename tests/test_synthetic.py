@@ -60,12 +60,17 @@ def _read_digit(pixels, y0, y1, x0, x1):
   return next(d for d, segs in LIT.items() if segs == lit)
 
 
+def _is_background(pixels):
+  """The board: white or a near-white cell tint (green channel full, red and blue at least 175); no item color is."""
+  return (pixels[..., 1] == 255) & (pixels[..., 0] >= 175) & (pixels[..., 2] >= 175)
+
+
 def scene_from_pixels(image, grid):
   """Every item of the picture, read from the pixels only: cell, color, shape (by fill ratio), area, digit."""
   pixels = np.asarray(image)
   cell = pixels.shape[0] / grid
   items = []
-  for ys, xs in _components(~(pixels == 255).all(-1)):
+  for ys, xs in _components(~_is_background(pixels)):
     colors = {tuple(int(c) for c in pixels[y, x]) for y, x in zip(ys, xs)}
     assert len(colors) == 1 and colors <= set(PALETTE), f"not one palette color: {colors}"
     color = PALETTE[colors.pop()]
@@ -132,7 +137,7 @@ def test_record_form():
   for r in _records("test", 10):
     assert set(r) == {"id", "images", "problem", "answer", "source", "solution"}
     assert r["problem"].count("<image>") == len(r["images"]) == 1
-    assert r["images"][0].size == (112, 112) and r["images"][0].mode == "RGB"
+    assert r["images"][0].size == (84, 84) and r["images"][0].mode == "RGB"
     assert r["source"] == f"synthetic/test/{r['solution']['task']}"
     assert isinstance(r["answer"], str) and r["answer"]
   assert [r["solution"]["task"] for r in _records("train", 5)] == list(synthetic.TASKS)
@@ -152,6 +157,20 @@ def test_other_sizes_and_grids(cfg):
   for r in _records("train", 15, cfg):
     assert r["images"][0].size == (cfg.image_size, cfg.image_size)
     assert answer_from_pixels(r, grid=cfg.grid) == r["answer"], r["id"]
+
+
+@pytest.mark.parametrize("tint", [24, 0])
+def test_cell_backgrounds_tell_the_position(tint):
+  """Every background pixel of cell (r, c) is (255 - tint r, 255, 255 - tint c), whatever the image and grid size."""
+  for cfg in (SyntheticConfig(cell_tint=tint), SyntheticConfig(cell_tint=tint, image_size=100, grid=2)):
+    pixels = np.asarray(make_record(0, split="train", cfg=cfg)["images"][0]).astype(int)
+    edges = np.linspace(0, cfg.image_size, cfg.grid + 1)
+    for r in range(cfg.grid):
+      for c in range(cfg.grid):
+        block = pixels[int(round(edges[r])):int(round(edges[r + 1])), int(round(edges[c])):int(round(edges[c + 1]))]
+        background = block[_is_background(block)]
+        assert len(background) > block.shape[0] * block.shape[1] // 8  # a large item covers at most 0.9^2 of it
+        assert (background == [255 - tint * r, 255, 255 - tint * c]).all()
 
 
 def test_scene_description_matches_pixels():
@@ -236,7 +255,9 @@ VISUAL_WORDS = set(synthetic.COLORS) | set(SHAPE_WORDS) | {"small", "medium", "l
 def test_steps_are_labelled_and_visual_words_only_in_perception():
   for r in _records("prior_conflict", 10) + _records("train", 10):
     labels = [s["label"] for s in r["solution"]["steps"]]
-    assert labels[0] == "perception" and set(labels[1:]) == {"reasoning"}
+    n = labels.count("perception")  # one step per item or pair of items, then the reasoning
+    assert n >= 1 and labels == ["perception"] * n + ["reasoning"] * (len(labels) - n) and n < len(labels)
+    assert n <= len(r["solution"]["scene"]) <= 2 * n
     for step in r["solution"]["steps"]:
       visual = [text for text, is_visual in step["pieces"] if is_visual]
       assert set(visual) <= VISUAL_WORDS
@@ -249,8 +270,10 @@ def test_render_solution(fmt):
     rendered = render_solution(r["solution"], r["answer"], fmt=fmt)
     steps = ["".join(t for t, _ in s["pieces"]) for s in r["solution"]["steps"]]
     box = "\\boxed{" + r["answer"] + "}"
-    if fmt is prompts.VIGOS:  # the prefill "<description>" is in the prompt
-      expected = ("\n" + steps[0] + "\n\n</description>\n<think>\n" + "\n\n".join(steps[1:]) + "\n\n</think>\n" + box)
+    n = [s["label"] for s in r["solution"]["steps"]].count("perception")
+    if fmt is prompts.VIGOS:  # the prefill "<description>" is in the prompt; the perception steps describe
+      expected = ("\n" + "\n\n".join(steps[:n]) + "\n\n</description>\n<think>\n" + "\n\n".join(steps[n:])
+                  + "\n\n</think>\n" + box)
     else:
       tag = fmt.sections[0].open[1:-1]
       expected = f"<{tag}>\n" + "\n\n".join(steps) + f"\n\n</{tag}>\n" + box
@@ -304,3 +327,26 @@ def test_bad_split_and_index():
     make_record(-1, split="train")
   with pytest.raises(ValueError, match="num_records"):
     SyntheticSource(split="train", num_records=0)
+
+
+def test_cell_labels_name_the_item_under_each_token():
+  """Token (i, j) of a rows x cols token grid is labelled with the item of the board cell under its centre."""
+  for r in _records("train", 10):
+    sol = r["solution"]
+    names = {k: v for k, v in synthetic.CELL_CLASSES.items()}
+    for rows in (3, 6):  # one token per cell, and 2 x 2 tokens per cell
+      labels = synthetic.cell_labels(sol, rows, rows)
+      assert labels.shape == (rows * rows, 6)
+      k = rows // 3
+      for i in range(rows):
+        for j in range(rows):
+          kind, color, size, digit, row, col = labels[i * rows + j]
+          assert (row, col) == (i // k, j // k)
+          item = next((it for it in sol["scene"] if (it["row"], it["col"]) == (i // k, j // k)), None)
+          if item is None:
+            assert (kind, color, size, digit) == (0, 0, 0, 0)
+          else:
+            assert names["kind"][kind] == item["shape"] and names["color"][color] == item["color"]
+            assert names["size"][size] == item["size"]
+            assert names["digit"][digit] == ("none" if item["digit"] is None else str(item["digit"]))
+  assert synthetic.cell_label_sizes(3) == (6, 8, 4, 11, 3, 3)

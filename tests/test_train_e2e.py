@@ -16,6 +16,7 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
   result = train.main([
       "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
       "--set", f"train.out_dir={out}", "--set", "train.steps=2", "--set", "sft.steps=2",
+      "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
       "--set", "sft_optim.total_steps=2", "--set", "data.prompts_per_batch=2", "--set", "data.num_eval=2",
       "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=8", "--set", "algo.dynamic_sampling=false",
       "--set", "credit.method=pgpo", "--set", "algo.kl_coef=0.01", "--set", "model.tiny_width=32",
@@ -54,7 +55,8 @@ def test_unknown_override_is_an_error_naming_the_key(tmp_path):
                 "--set", "rollout.group_sz=2"])
 
 
-TINY = ["--set", "train.steps=2", "--set", "sft.steps=2", "--set", "sft_optim.total_steps=2",
+TINY = ["--set", "train.steps=2", "--set", "sft.steps=2",
+        "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2", "--set", "sft_optim.total_steps=2",
         "--set", "distill.teacher_sft_steps=2", "--set", "data.prompts_per_batch=2", "--set", "data.num_eval=2",
         "--set", "rollout.group_size=2", "--set", "rollout.max_new_tokens=12", "--set", "model.tiny_width=32",
         "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32"]

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-TINY = ["--set", "train.steps=2", "--set", "sft.steps=2", "--set", "sft_optim.total_steps=2",
+TINY = ["--set", "train.steps=2", "--set", "sft.steps=2",
+        "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2", "--set", "sft_optim.total_steps=2",
         "--set", "data.prompts_per_batch=4", "--set", "data.num_eval=4", "--set", "rollout.group_size=2",
         "--set", "rollout.max_new_tokens=8", "--set", "algo.dynamic_sampling=false", "--set", "model.tiny_width=32",
         "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32", "--set", "model.tiny_heads=2",

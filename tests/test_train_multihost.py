@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-TINY = ["train.steps=2", "sft.steps=2", "sft_optim.total_steps=2", "data.prompts_per_batch=4", "data.num_eval=4",
+TINY = ["train.steps=2", "sft.steps=2", "sft.perception_steps=2", "sft.batch_size=4", "sft_optim.total_steps=2",
+        "data.prompts_per_batch=4", "data.num_eval=4",
         "rollout.group_size=2", "rollout.max_new_tokens=8", "algo.dynamic_sampling=false", "model.tiny_width=32",
         "model.tiny_layers=1", "model.tiny_vision_width=32", "model.tiny_heads=2", "credit.method=pgpo",
         # A gradient at step 0 even when every reward is equal (the tiny untrained policy scores 0 everywhere).

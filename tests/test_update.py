@@ -84,3 +84,23 @@ def test_repeated_updates_overfit_one_batch():
   before, after = np.asarray(logp0)[mask].mean(), np.asarray(logp1)[mask].mean()
   assert after > before + 1.0, (before, after)  # log-likelihood of the batch rose by more than one nat per token
   assert int(state.step) == 15 and int(state.skipped) == 0
+
+
+def test_sft_loss_weights_tokens():
+  """sum_t w_t (-log p_t) / sum_t w_t over the mask, and the plain token-mean NLL beside it."""
+  cfg = tiny(vocab_size=64)
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  prompt = _prompt(cfg, [(56, 56), (56, 56)], [1, 1], 3)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, 50, (2, 6)))
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  weight = jnp.asarray(rng.choice([1.0, 10.0], (2, 6)), jnp.float32)
+  logp = np.asarray(scoring.completion_logps(model, prompt, tokens, mask, 1))
+  m, w = np.asarray(mask, bool), np.asarray(weight)
+  _, got = update.sft_loss_fn(params, graphdef, update.SFTBatch(prompt, tokens, mask, weight))
+  np.testing.assert_allclose(got["sft_loss"], -(w * logp)[m].sum() / w[m].sum(), rtol=1e-5)
+  np.testing.assert_allclose(got["sft_nll"], -logp[m].mean(), rtol=1e-5)
+  _, plain = update.sft_loss_fn(params, graphdef, update.SFTBatch(prompt, tokens, mask))
+  np.testing.assert_allclose(plain["sft_loss"], -logp[m].mean(), rtol=1e-5)
+  assert float(got["sft_tokens"]) == 10

@@ -239,6 +239,19 @@ def load_image(image) -> Image.Image:
 # ---------------------------------------------------------------- prompt pieces
 
 
+def white_image_record(record: dict) -> dict:
+  """The record with every image replaced by a white one of its size: the white-image control of an accuracy.
+
+  A record whose image cannot be read is returned as it is, so that `process_record` reports (and the pipeline
+  counts) it like any other bad record.
+  """
+  try:
+    images = [Image.new("RGB", load_image(im).size, "white") for im in record.get("images") or []]
+  except RecordError:
+    return record
+  return {**record, "images": images}
+
+
 def render(tokenizer, messages: list[dict], prefill: str) -> str:
   """The chat template with the generation prompt, then the assistant prefill."""
   return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill

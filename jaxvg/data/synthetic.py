@@ -2,7 +2,8 @@
 
 Every record is a deterministic function of (config, split, index), so records are produced lazily and reproduced
 exactly. A scene is a few items on a `grid x grid` board of cells (at most one item per cell, never touching), drawn
-without anti-aliasing on a white background, so every pixel is either the background or an item's exact color.
+without anti-aliasing on near-white cell backgrounds (`cell_tint`), so every pixel is either its cell's background or an
+item's exact color.
 
 Task families (`index % len(tasks)` picks one):
   count      "How many red circles are in the image?"             -> "2"
@@ -52,17 +53,38 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 
 
+PERCEPTION_FORMS = ("items", "scene")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-  """What the generator draws: the seed, the image side in pixels, the board and the task families."""
+  """What the generator draws and how its reference solutions read.
+
+  seed, image_size (pixels), grid (a grid x grid board), tasks (the task families, drawn round robin).
+  perception: "items" states one item per perception step, its location first ("At the top left, a small red
+    circle."), so perception and reasoning steps have comparable lengths; "scene" lists the whole scene in one step
+    ("I see a small red circle at the top left, ... and ..."), the first version of the generator.
+  cell_tint: the board's cells are drawn on near-white backgrounds that tell their position, cell (r, c) on
+    (255 - cell_tint * r, 255, 255 - cell_tint * c) (`cell_background`); 0 draws every cell white. A vision tower
+    whose attention is relative (Qwen2.5-VL's 2D RoPE, no absolute position embedding) can then tell where an item is
+    from the pixels, as a picture's own context does.
+  With image_size = 28 * grid every board cell is exactly one merged visual token of Qwen2.5-VL (2 x 2 patches of
+  14 pixels): the default.
+  """
   seed: int = 0
-  image_size: int = 112
+  image_size: int = 84
   grid: int = 3
   tasks: tuple[str, ...] = TASKS
+  perception: str = "items"
+  cell_tint: int = 24
 
   def __post_init__(self):
+    if not 0 <= self.cell_tint <= 40:
+      raise ValueError(f"cell_tint must be in [0, 40], got {self.cell_tint}")
     if self.seed < 0:
       raise ValueError(f"seed must be >= 0, got {self.seed}")
+    if self.perception not in PERCEPTION_FORMS:
+      raise ValueError(f"perception must be one of {PERCEPTION_FORMS}, got {self.perception!r}")
     if self.grid not in (2, 3):
       raise ValueError(f"grid must be 2 or 3, got {self.grid}")
     if self.image_size < 24 * self.grid:
@@ -99,6 +121,51 @@ def _scene_step(items: list[dict], grid: int) -> dict:
       pieces.append((" and " if i == len(items) - 1 else ", ", False))
     pieces += _item_pieces(item, grid)
   return {"label": "perception", "pieces": pieces + [(".", False)]}
+
+
+def _item_step(group: list[dict], grid: int) -> dict:
+  """'At the top left, a small red circle, and at the center, the digit 7.': one or two items, location first."""
+  pieces = []
+  for i, item in enumerate(group):
+    pieces += [("At the " if i == 0 else ", and at the ", False), (_location(item["row"], item["col"], grid), True),
+               (", ", False)]
+    if item["shape"] == "digit":
+      pieces += [("the digit ", False), (str(item["digit"]), True)]
+    else:
+      pieces += [("a ", False), (item["size"], True), (" ", False), (item["color"], True), (" ", False),
+                 (item["shape"], True)]
+  return {"label": "perception", "pieces": pieces + [(".", False)]}
+
+
+def perception_steps(items: list[dict], grid: int, form: str = "items", rng=None) -> list[dict]:
+  """The perception steps of a scene (items in reading order).
+
+  "items": one or two items per step (two with probability 1/2 under `rng`, one without it), so a perception step is
+  as long as a reasoning step, sometimes shorter and sometimes longer; "scene": one step for the whole scene.
+  """
+  if form == "scene":
+    return [_scene_step(items, grid)]
+  steps, i = [], 0
+  while i < len(items):
+    n = 2 if rng is not None and i + 1 < len(items) and rng.random() < 0.5 else 1
+    steps.append(_item_step(items[i:i + n], grid))
+    i += n
+  return steps
+
+
+def _goal(task: str, query: dict) -> str:
+  """The reasoning step that restates what the question asks (text only)."""
+  if task == "count":
+    noun = f"{query['color']} {query['shape']}" if query["color"] else query["shape"]
+    return f"The question asks for the number of {noun}s."
+  if task == "color":
+    return f"The question asks for the color of the {query['shape']}."
+  if task == "largest":
+    return "The question asks which shape is the largest."
+  if task == "spatial":
+    return (f"The question asks about the shape {RELATIONS[query['relation']]} the {query['anchor_color']} "
+            f"{query['anchor_shape']}.")
+  return "The question asks for the sum of the digits."
 
 
 def _reasoning(text: str) -> dict:
@@ -252,11 +319,56 @@ def _draw_digit(draw, digit, box, rgb):
     draw.rectangle(rects[seg], fill=rgb)
 
 
+# The per-cell labels of the perception stage (jaxvg.sft): what a merged visual token of the board should tell.
+CELL_CLASSES = {"kind": ("empty",) + SHAPES + ("digit",), "color": ("none",) + tuple(COLORS) + (DIGIT_COLOR[0],),
+                "size": ("none",) + tuple(SIZES), "digit": ("none",) + tuple(str(d) for d in range(10))}
+
+
+def cell_label_sizes(grid: int) -> tuple[int, ...]:
+  """The number of classes of each `cell_labels` column: kind, color, size, digit, row, column."""
+  return tuple(len(v) for v in CELL_CLASSES.values()) + (grid, grid)
+
+
+def cell_labels(solution: dict, rows: int, cols: int) -> np.ndarray:
+  """int32 [rows * cols, 6]: for each merged visual token of a rows x cols token grid (raster order, as the processor
+  lays them out), the kind, color, size and digit of the item in the board cell under the token's centre ("empty" /
+  "none" for an empty cell) and that cell's row and column."""
+  grid = solution["grid"]
+  by_cell = {(it["row"], it["col"]): it for it in solution["scene"]}
+  out = np.zeros((rows * cols, 6), np.int32)
+  for i in range(rows):
+    for j in range(cols):
+      r, c = int((i + 0.5) * grid / rows), int((j + 0.5) * grid / cols)
+      item = by_cell.get((r, c))
+      if item is not None:
+        digit = "none" if item["digit"] is None else str(item["digit"])
+        out[i * cols + j, :4] = [CELL_CLASSES["kind"].index(item["shape"]), CELL_CLASSES["color"].index(item["color"]),
+                                 CELL_CLASSES["size"].index(item["size"]), CELL_CLASSES["digit"].index(digit)]
+      out[i * cols + j, 4:] = r, c
+  return out
+
+
+def cell_background(row: int, col: int, tint: int) -> tuple[int, int, int]:
+  """The background color of board cell (row, col): white, tinted by row (red channel) and column (blue channel)."""
+  return (255 - tint * row, 255, 255 - tint * col)
+
+
+def cell_bounds(index: int, image_size: int, grid: int) -> tuple[int, int]:
+  """The first and last pixel of board row / column `index`."""
+  cell = image_size / grid
+  return int(round(index * cell)), int(round((index + 1) * cell)) - 1
+
+
 def _place_and_draw(items, rng, cfg):
   """Adds pixel geometry to every item (center, bounding box) and draws the image."""
   image = Image.new("RGB", (cfg.image_size, cfg.image_size), BACKGROUND)
   draw = ImageDraw.Draw(image)
   cell = cfg.image_size / cfg.grid
+  if cfg.cell_tint:
+    for r in range(cfg.grid):
+      for c in range(cfg.grid):
+        (y0, y1), (x0, x1) = cell_bounds(r, cfg.image_size, cfg.grid), cell_bounds(c, cfg.image_size, cfg.grid)
+        draw.rectangle((x0, y0, x1, y1), fill=cell_background(r, c, cfg.cell_tint))
   for item in items:
     extent = int(round(SIZES[item["size"]] * cell))
     half = extent // 2
@@ -303,7 +415,8 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
   if index < 0:
     raise ValueError(f"index must be >= 0, got {index}")
   task = cfg.tasks[index % len(cfg.tasks)]
-  rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
+  split_id = SPLITS.index(split)
+  rng = np.random.default_rng([cfg.seed, split_id, index])
   heldout = split != "train"
   for _ in range(10_000):  # rejection: the layout must fall on this split's side of the hash partition
     items, question, answer, query, reasoning, prior = _TASK_FNS[task](rng, cfg.grid, split == "prior_conflict")
@@ -313,7 +426,9 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
   else:
     raise RuntimeError(f"no {split} layout found for task {task!r}; the layout space is too small")
   image = _place_and_draw(items, rng, cfg)
-  steps = [_scene_step(items, cfg.grid)]
+  steps = perception_steps(items, cfg.grid, cfg.perception, rng=np.random.default_rng([cfg.seed, split_id, index, 1]))
+  if cfg.perception == "items":
+    steps.append(_reasoning(_goal(task, query)))
   prior_answer = None
   if prior is not None:
     prefix, said, prior_answer = prior

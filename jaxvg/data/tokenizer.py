@@ -72,7 +72,8 @@ def tokenizer_corpus(*, seed: int = CORPUS_SEED, records: dict[str, int] | None 
   from jaxvg import prompts
   from jaxvg.data import synthetic
 
-  cfg = synthetic.SyntheticConfig(seed=seed)
+  # The generator's first form, pinned: the shipped vocabulary does not move when the generator's defaults do.
+  cfg = synthetic.SyntheticConfig(seed=seed, image_size=112, perception="scene", cell_tint=0)
   texts = []
   for split, count in (CORPUS_RECORDS if records is None else records).items():
     for index in range(count):
