@@ -22,7 +22,7 @@ def get_config() -> Config:
                    prompts_per_batch=8, max_pixels=84 * 84, length_buckets=(96, 128, 256),
                    patch_buckets=(256, 512, 1024)),
       rollout=RolloutCfg(group_size=8, max_new_tokens=128, temperature=1.0),
-      algo=AlgoCfg(name="dapo", advantage="grpo", dynamic_sampling=True, ds_max_tries=3),
+      algo=AlgoCfg(name="dapo", dynamic_sampling=True, ds_max_tries=3),
       credit=CreditCfg(method="none"),
       optim=OptimConfig(lr=5e-5, weight_decay=0.0, clip_norm=1.0),
       sft=SFTCfg(perception_steps=600, steps=SFT_STEPS, batch_size=8),

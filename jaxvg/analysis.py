@@ -186,7 +186,7 @@ def sample_rollouts(policy: Policy, batch: batch_lib.Batch, *, num_samples: int,
   reward_fn = rewards.load_reward_fn(cfg.algo.reward_fn)
   scores = [reward_fn(t, batch.answers[n // num_samples], fmt=policy.fmt) for n, t in enumerate(texts)]
   rewards_N = np.asarray([s["overall"] for s in scores], np.float32)
-  adv_N = advantages.group_advantages(rewards_N, num_samples, estimator=cfg.algo.advantage)
+  adv_N = advantages.group_advantages(rewards_N, num_samples, estimator=experiment.advantage_estimator(cfg.algo))
   return Samples(tokens_NT=np.asarray(rolls.tokens_BT), mask_NT=np.asarray(rolls.mask_BT, bool), texts=texts,
                  rewards_N=rewards_N, accuracy_N=np.asarray([s["accuracy"] for s in scores], np.float32),
                  adv_N=np.asarray(adv_N))

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxvg import builders, divergences, losses, prompts, sft, update, vgs, vigos
 from jaxvg.data.processing import DECOY
 from jaxvg.data.tokenizer import special_token_ids
-from jaxvg.experiment import Config, DistillCfg
+from jaxvg.experiment import DEFAULT_DIVERGENCE, Config, DistillCfg
 from jaxvg.scoring import PromptInputs, completion_hidden, token_logps
 
 METHODS = ("none", "opd", "opsd", "vigos", "vgs")
@@ -92,7 +92,9 @@ def validate(cfg: Config):
 
 
 def divergence_config(d: DistillCfg) -> divergences.DivergenceConfig:
-  return divergences.DivergenceConfig(kind=d.divergence, beta=d.beta, entry_clip=d.entry_clip,
+  """OPD's / OPSD's divergence; an empty `distill.divergence` is the method's paper default (reverse / forward KL)."""
+  kind = d.divergence or DEFAULT_DIVERGENCE.get(d.method, "kl_student_teacher")
+  return divergences.DivergenceConfig(kind=kind, beta=d.beta, entry_clip=d.entry_clip,
                                       max_token_value=d.max_token_value)
 
 

@@ -62,7 +62,7 @@ class RolloutCfg:
 @dataclasses.dataclass(frozen=True)
 class AlgoCfg:
   name: str = "dapo"                # grpo | dapo | drgrpo | gspo: the loss preset
-  advantage: str = "grpo"           # grpo | drgrpo | rloo | batch
+  advantage: str = ""               # grpo | drgrpo | rloo | batch; "" = the preset's own (`advantage_estimator`)
   dynamic_sampling: bool = True     # DAPO: keep groups whose mean accuracy is inside (ds_low, ds_high)
   ds_low: float = 0.01
   ds_high: float = 0.99
@@ -84,6 +84,25 @@ class AlgoCfg:
         raise ValueError(f"algo.{name} must be >= 1, got {getattr(self, name)}")
 
 
+# Each loss preset's advantage estimator: Dr.GRPO removes GRPO's std normalization from the advantage as well as
+# the length normalization from the loss (Liu et al. 2025, methods.md section 8).
+PRESET_ADVANTAGE = {"grpo": "grpo", "dapo": "grpo", "gspo": "grpo", "drgrpo": "drgrpo"}
+STD_NORMALIZED = ("grpo", "batch")
+
+
+def advantage_estimator(algo: AlgoCfg) -> str:
+  """The advantage estimator a run uses: `algo.advantage`, or the preset's own when it is empty.
+
+  Dr.GRPO with a std-normalized estimator is refused: it would be Dr.GRPO's loss on GRPO's advantage.
+  """
+  if not algo.advantage:
+    return PRESET_ADVANTAGE.get(algo.name, "grpo")
+  if algo.name == "drgrpo" and algo.advantage in STD_NORMALIZED:
+    raise ValueError(f"algo.name='drgrpo' with algo.advantage={algo.advantage!r}: Dr.GRPO's advantage is not divided "
+                     "by the group's std; set algo.advantage='drgrpo' (or leave it empty for the preset's own)")
+  return algo.advantage
+
+
 @dataclasses.dataclass(frozen=True)
 class CreditCfg:
   method: str = "none"              # none | pgpo | pacr | pdcr
@@ -101,6 +120,9 @@ class CreditCfg:
   step_score: str = "sum"           # V_k over a step's tokens: sum | mean
 
 
+DEFAULT_DIVERGENCE = {"opd": "kl_student_teacher", "opsd": "kl_teacher_student"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillCfg:
   """On-policy distillation from frozen teachers (methods.md sections 4, 5 and 8); `jaxvg.distill` reads it.
@@ -113,7 +135,9 @@ class DistillCfg:
   teacher: str = "initial"          # initial (the policy at the start of RL, shared with the KL reference) | HF dir
   teacher_sft_steps: int = 0        # the demo's teacher: the student's warm start continued for this many steps
   teacher_context: str = "vigos_reference_teacher"  # opsd: the prompt format of the privileged teacher
-  divergence: str = "kl_student_teacher"  # opd / opsd: kl_teacher_student (forward) | kl_student_teacher | jsd
+  # opd / opsd: kl_teacher_student (forward) | kl_student_teacher (reverse) | jsd; "" = the method's paper default
+  # (DEFAULT_DIVERGENCE: OPD reverse KL, OPSD forward KL)
+  divergence: str = ""
   beta: float = 0.5                 # jsd
   entry_clip: float | None = None   # OPSD's per-vocabulary-entry clip
   max_token_value: float | None = None  # per-token clamp after the vocabulary sum (ViGOS: 0.05)

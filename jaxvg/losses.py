@@ -132,12 +132,13 @@ def sequence_mean(
 
   out[b, t] = sum_{t' in seq(b, t)} x[b, t'] / max(|seq(b, t)|, 1); 0 on invalid tokens.
   Example: x = [[1, 3, 5, 7]], mask = [[1, 1, 1, 0]], seq_ids = [[0, 0, 1, -1]] -> [[2, 2, 5, 0]].
+  Invalid tokens are selected out, not multiplied by 0: a -inf or NaN there (a padded log-prob) stays out of the mean.
   """
   x_BT = jnp.asarray(x_BT, dtype=jnp.float32)
   seg_BT, valid_BT, num = _segments(jnp.asarray(mask_BT), _check_ids(seq_ids_BT, x_BT.shape))
   count_S = _segment_sum(valid_BT, seg_BT, num)
-  mean_S = _segment_sum(x_BT * valid_BT, seg_BT, num) / jnp.maximum(count_S, 1.0)
-  return mean_S[seg_BT] * valid_BT
+  mean_S = _segment_sum(jnp.where(valid_BT > 0, x_BT, 0.0), seg_BT, num) / jnp.maximum(count_S, 1.0)
+  return jnp.where(valid_BT > 0, mean_S[seg_BT], 0.0)
 
 
 def aggregate(
@@ -248,6 +249,10 @@ def policy_loss(
   adv_BT = jax.lax.stop_gradient(jnp.asarray(adv_BT).astype(jnp.float32))
   mask_BT = jnp.asarray(mask_BT)
   _, valid_BT, _ = _segments(mask_BT, seq_ids_BT)
+  # Padding is selected out, not multiplied by 0: a -inf or NaN there (a padded log-prob) must not reach the loss.
+  keep = lambda x: None if x is None else jnp.where(valid_BT > 0, jnp.asarray(x).astype(jnp.float32), 0.0)
+  logp_BT, logp_old_BT, adv_BT, logp_ref_BT, entropy_BT = map(keep, (logp_BT, logp_old_BT, adv_BT, logp_ref_BT,
+                                                                     entropy_BT))
 
   log_ratio_BT = jnp.clip(logp_BT - logp_old_BT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
   if cfg.ratio_level == "token":

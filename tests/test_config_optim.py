@@ -100,7 +100,30 @@ def test_every_shipped_config_loads_and_names_valid_choices(name):
   prompts.get_format(cfg.data.prompt_format)
   credit.counterfactuals_needed(cfg.credit)
   losses.preset(cfg.algo.name, **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
+  experiment.advantage_estimator(cfg.algo)
+  if cfg.distill.method in ("opd", "opsd"):
+    distill.divergence_config(cfg.distill)
   optim.schedule(cfg.optim)
+
+
+def test_each_loss_preset_carries_its_advantage_estimator():
+  est = lambda **kw: experiment.advantage_estimator(experiment.AlgoCfg(**kw))
+  assert [est(name=n) for n in ("grpo", "dapo", "gspo", "drgrpo")] == ["grpo", "grpo", "grpo", "drgrpo"]
+  assert est(name="dapo", advantage="rloo") == "rloo" and est(name="drgrpo", advantage="rloo") == "rloo"
+  # The README's `--set algo.name=drgrpo` on the demo: Dr.GRPO's loss and its own (std-free) advantage.
+  demo = config_lib.apply_overrides(config_lib.load_config(os.path.join(CONFIGS, "demo.py")), ["algo.name=drgrpo"])
+  assert experiment.advantage_estimator(demo.algo) == "drgrpo"
+  for std_normalized in ("grpo", "batch"):
+    with pytest.raises(ValueError, match=f"algo.name='drgrpo' with algo.advantage='{std_normalized}'"):
+      est(name="drgrpo", advantage=std_normalized)
+
+
+def test_each_distillation_method_defaults_to_its_papers_divergence():
+  from jaxvg import distill
+  kind = lambda **kw: distill.divergence_config(experiment.DistillCfg(**kw)).kind
+  assert kind(method="opd") == "kl_student_teacher"   # standard OPD: reverse KL (methods.md, Eq. 3-4)
+  assert kind(method="opsd") == "kl_teacher_student"  # OPSD: forward KL (methods.md section 8)
+  assert kind(method="opsd", divergence="jsd") == "jsd"
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(("_3b.py", "_7b.py"))))

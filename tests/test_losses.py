@@ -318,3 +318,24 @@ def test_bad_inputs():
     _loss(x, x, np.zeros((2, 4)), MASK, PolicyLossConfig())
   with pytest.raises(ValueError, match="seq_ids_BT"):
     _loss(x, x, x, MASK, PolicyLossConfig(), seq_ids_BT=jnp.zeros((2, 3), jnp.float32))
+
+
+@pytest.mark.parametrize("name", ["dapo", "gspo", "drgrpo"])
+def test_non_finite_padding_stays_out_of_the_loss(name):
+  """A -inf (or NaN) log-prob on padding gives the same loss and gradient as a 0 there: padding is selected out."""
+  cfg = preset(name, max_len=4) if name == "drgrpo" else preset(name)
+  logp = np.array([[-1.0, -2.0, 0.0], [-0.5, -1.5, -0.7]], np.float32)
+  old = logp - np.array([[0.1, -0.2, 0.0], [0.05, 0.3, -0.1]], np.float32)
+  adv = np.array([[1.0, 1.0, 0.0], [-0.5, -0.5, -0.5]], np.float32)
+  loss, metrics, grad = _run(logp, old, adv, MASK, cfg)
+  for bad in (-np.inf, np.nan):
+    logp_bad, old_bad, adv_bad = logp.copy(), old.copy(), adv.copy()
+    logp_bad[0, 2], old_bad[0, 2], adv_bad[0, 2] = bad, bad, bad
+    got_loss, got_metrics, got_grad = _run(logp_bad, old_bad, adv_bad, MASK, cfg)
+    assert np.isfinite(float(got_loss)) and np.isfinite(got_grad).all()
+    np.testing.assert_allclose(float(got_loss), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(got_grad, grad, rtol=1e-6)
+    assert all(np.isfinite(float(v)) for v in got_metrics.values())
+  # sequence_mean on its own: the mean of the valid tokens whatever padding holds ((-1 - 2) / 2 for row 0).
+  x = np.array([[-1.0, -2.0, -np.inf], [1.0, 2.0, 3.0]], np.float32)
+  np.testing.assert_allclose(sequence_mean(x, MASK), [[-1.5, -1.5, 0.0], [2.0, 2.0, 2.0]])
