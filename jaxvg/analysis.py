@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvg import advantages, builders, checkpoint, clusters, config_lib, credit, dependency, divergences
-from jaxvg import experiment, groundtruth, pgpo, rewards, rollout, scoring, steps
+from jaxvg import evaluate, experiment, groundtruth, pgpo, rewards, rollout, scoring, steps
 from jaxvg.data import batch as batch_lib
 from jaxvg.data import processing, synthetic
 from jaxvg.data.tokenizer import load_tokenizer
@@ -382,25 +382,17 @@ def white_image_records(records: list[dict]) -> list[dict]:
 
 def greedy_accuracy(policy: Policy, records: list[dict], *, batch_size: int = 8, max_new_tokens: int | None = None,
                     params=None) -> float:
-  """Greedy accuracy of the policy (or of `params`) on `records`, scored by the run's reward function."""
-  cfg = policy.config
-  stop = builders.stop_token_ids(policy.tokenizer)
-  sampling = rollout.SamplingConfig(num_samples=1, max_new_tokens=max_new_tokens or cfg.rollout.max_new_tokens,
-                                    temperature=0.0, stop_token_ids=stop,
-                                    pad_token_id=int(policy.tokenizer.pad_token_id))
-  reward_fn = rewards.load_reward_fn(cfg.algo.reward_fn)
-  params = policy.params if params is None else params
-  scores = []
-  for start in range(0, len(records), batch_size):
-    part = records[start:start + batch_size]
-    p = prepare_prompts(policy, part + part[-1:] * (batch_size - len(part))).prompts  # one compiled shape
-    rolls = jax.device_get(rollout.rollout(policy.graphdef, params, input_ids_BT=p.input_ids_BT,
-                                           attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
-                                           deltas_B=p.deltas_B, vision=p.vision, key=jax.random.key(0),
-                                           config=sampling))
-    texts = builders.decode_completions(policy.tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=policy.fmt.prefill)
-    scores += [reward_fn(t, r["answer"], fmt=policy.fmt)["accuracy"] for t, r in zip(texts, part)]
-  return float(np.mean(scores))
+  """Greedy accuracy of the policy (or of `params`) on `records`, scored by the run's reward function
+  (`evaluate.accuracy` over batches of `batch_size`, the last one padded with rows it does not score)."""
+  cfg, tok = policy.config, policy.tokenizer
+  processor = processing.make_processor(tok, builders.prompt_config(cfg.data))
+  examples = [processing.process_record(processor, r) for r in records]
+  batches = [builders.collate_examples(examples[i:i + batch_size], cfg.data, tok, policy.model_cfg,
+                                       batch_size=batch_size) for i in range(0, len(examples), batch_size)]
+  return evaluate.accuracy(policy.graphdef, policy.params if params is None else params, batches, tokenizer=tok,
+                           fmt=policy.fmt, reward_fn=rewards.load_reward_fn(cfg.algo.reward_fn),
+                           max_new_tokens=max_new_tokens or cfg.rollout.max_new_tokens,
+                           stop_token_ids=builders.stop_token_ids(tok), greedy=True)
 
 
 # ----------------------------------------------------------------------------------------- image projection

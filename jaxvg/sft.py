@@ -77,6 +77,9 @@ def reference_batches(cfg, tokenizer, model_cfg, *, start: int = 0):
     yield builders.collate_examples(examples, cfg.data, tokenizer, model_cfg, batch_size=B), tokens, weight
 
 
+_PROBE_HEADS = tuple(synthetic.CELL_CLASSES) + ("row", "col")  # the columns of synthetic.cell_labels
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PerceptionBatch:
@@ -120,9 +123,6 @@ def perception_loss(params, graphdef, probe, batch: PerceptionBatch, *, sizes: t
     loss += jnp.sum(ce_Q * mask_Q) / count
     metrics_[f"perception_acc_{name}"] = jnp.sum((jnp.argmax(logits, -1) == batch.labels_QH[:, h]) * mask_Q) / count
   return loss, {"perception_loss": loss, **metrics_}
-
-
-_PROBE_HEADS = tuple(synthetic.CELL_CLASSES) + ("row", "col")
 
 
 def perception_stage(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = None, *, mesh=None):

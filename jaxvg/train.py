@@ -75,7 +75,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   tokenizer, model = builders.build_model(cfg.model, cfg.data, mesh=mesh)
   model_cfg = model.cfg
   distill.validate(cfg)
-  experiment.advantage_estimator(cfg.algo)  # an inconsistent loss / advantage pair fails before any work
+  estimator = experiment.advantage_estimator(cfg.algo)  # an inconsistent loss / advantage pair fails before any work
   distilling = cfg.distill.method != "none"
   uses_rl = not distilling or cfg.distill.rl_alpha > 0  # pure distillation needs no old log-probs, no advantages
   distill_cfs, contexts = distill.prompt_variants(cfg.distill)
@@ -213,7 +213,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       logp_ref = (score(ref_params, state.graphdef, prompt, tokens_NT, mask_NT, G)[0] if ref_params is not None
                   else jnp.zeros_like(logp_old))
       rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
-      adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=experiment.advantage_estimator(cfg.algo)),
+      adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=estimator),
                                            mask_NT)
       mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT, answers=batch.answers)
       prepared.append(dict(draw=draw, prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, logp_ref=logp_ref,

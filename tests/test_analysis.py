@@ -435,3 +435,24 @@ def test_cli_prints_one_json_line_on_a_tiny_run(run_dir, policy, capsys):
   assert sft["params"] == "sft" and sft["records"] == 2
   with pytest.raises(FileNotFoundError, match="jaxvg.train"):
     analysis.main(["--run", str(run_dir / "missing")])
+
+
+def parity_reward(text, answer, fmt=None):
+  """A reward any completion can earn, varying with the record: completion and answer lengths have the same parity
+  (so the accuracy below is neither 0 nor 1 for a random model)."""
+  del fmt
+  return {"accuracy": float((len(text) + len(answer)) % 2 == 0), "overall": 0.0}
+
+
+def test_greedy_accuracy_matches_a_per_record_greedy_loop(policy):
+  """Batched over 2 (the last batch padded with an unscored row), against sample_rollouts at temperature 0."""
+  cfg = dataclasses.replace(policy.config, algo=dataclasses.replace(policy.config.algo,
+                                                                    reward_fn="test_analysis:parity_reward"))
+  pol = dataclasses.replace(policy, config=cfg)
+  records = analysis.heldout_records(cfg, 3)
+  scores = []
+  for r in records:
+    texts = analysis.sample_rollouts(pol, analysis.prepare_prompts(pol, [r]), num_samples=1, max_new_tokens=6,
+                                     temperature=0.0).texts
+    scores.append(parity_reward(texts[0], r["answer"])["accuracy"])
+  assert analysis.greedy_accuracy(pol, records, batch_size=2, max_new_tokens=6) == pytest.approx(np.mean(scores))

@@ -12,6 +12,8 @@ from jaxvg import credit, groundtruth, prompts, steps
 from jaxvg.data import synthetic
 from jaxvg.data.tokenizer import load_tokenizer
 
+from data_fixtures import qwen25vl_tokenizer
+
 NON_VISUAL_WORDS = {"I", "see", "a", "at", "the", "and", "digit"}
 
 
@@ -91,9 +93,10 @@ def test_step_split_accuracy_by_hand():
     groundtruth.step_split_accuracy([], [])
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer()
+@pytest.fixture(scope="module", params=["shipped", "qwen2.5"])
+def tok(request):
+  # The shipped small vocabulary, and the real Qwen2.5 BPE (which merges tags and "\n\n" with their neighbours).
+  return load_tokenizer() if request.param == "shipped" else qwen25vl_tokenizer()
 
 
 @pytest.mark.parametrize("fmt", [prompts.PGPO, prompts.VGS])
