@@ -2,11 +2,11 @@
 
   python bench/distill_step.py
 
-Prints one JSON line. A step here is what follows sampling in `jaxvg.train` for a distillation config: the frozen
-teacher's pass(es) onto the completion grid, the step's normalizers, and one update of the student (forward and
-backward through the full-vocabulary divergences). `vgs_over_opd` = VGS step time / OPD step time, the figure the
-VGS paper reports as 1.375x (App. C) on full training steps, where sampling also counts; without sampling the ratio
-is larger (VGS runs two student and two teacher passes where OPD runs one each). Each method runs one step first
+Prints one JSON line. A step here is what follows sampling in `jaxvg.train` for a distillation config: ViGOS's spans
+(found on the host), the frozen teacher's pass(es) onto the completion grid, the step's normalizers, and one update of
+the student (forward and backward through the full-vocabulary divergences). `vgs_over_opd` = VGS step time / OPD
+step time, the figure the VGS paper reports as 1.375x (App. C) on full training steps, where sampling also counts;
+without sampling the ratio is larger (VGS runs two student and two teacher passes where OPD runs one each). Each method runs one step first
 (compilation), then 3 rounds of one step per method; the best step of each is kept.
 
 Sizes (the demo's model on a 2-core CPU): the tiny Qwen2.5-VL-style model (D=128, 4 layers) as student and as a
@@ -53,6 +53,7 @@ def main():
   lengths = rng.integers(WIDTH // 2, WIDTH + 1, N)
   mask = jnp.asarray(np.arange(WIDTH)[None, :] < lengths[:, None], jnp.int32)
   tokens = jnp.asarray(np.where(mask, rng.integers(0, 900, (N, WIDTH)), int(tok.pad_token_id)), jnp.int32)
+  vigos_spans = distill.vigos_span_fn(tok)
   ctx = {"real": credit.as_prompt_inputs(batch.prompts),
          **{v: credit.counterfactual_inputs(batch.prompts, v) for v in variants + contexts}}
 
@@ -61,12 +62,13 @@ def main():
   fns = {}
   for name, cfg in cfgs.items():
     keys = ("real",) + sum(distill.prompt_variants(cfg.distill), ())
-    fns[name] = (cfg, {k: ctx[k] for k in keys}, distill.make_teacher_pass(cfg, tok, G, model.cfg.text.vocab_size),
+    fns[name] = (cfg, {k: ctx[k] for k in keys}, distill.make_teacher_pass(cfg, G),
                  distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=None))
 
   def step(state, name):
     cfg, contexts_in, teacher_pass, distill_step = fns[name]
-    out = teacher_pass(teacher, contexts_in, tokens, mask)
+    spans = vigos_spans(np.asarray(tokens), np.asarray(mask)) if cfg.distill.method == "vigos" else None  # host
+    out = teacher_pass(teacher, contexts_in, tokens, mask, spans)
     (norms,) = distill.step_normalizers(cfg.distill.method, cfg.distill, [mask], [out])
     micro = (distill.DistillBatch(prompt=contexts_in["real"], prompt_text=contexts_in.get("no_image"),
                                   tokens_NT=tokens, mask_NT=mask, teacher=out, policy=None, **norms),)

@@ -23,7 +23,7 @@ reference, no second copy) or another Qwen2.5-VL from its own HF directory (same
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -123,15 +123,13 @@ def prompt_variants(d: DistillCfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
   return (), ()
 
 
-def vigos_format(tokenizer, vocab_size: int) -> tuple[vigos.DescribeReasonFormat, np.ndarray, np.ndarray]:
-  """The ViGOS tags on the tokenizer's ids and the brace tables of the model's vocabulary (ids past the tokenizer's
-  are unused slots: no braces)."""
-  texts = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_size))])
-  encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+def vigos_span_fn(tokenizer) -> Callable[[np.ndarray, np.ndarray], vigos.DescribeReasonSpans]:
+  """The host function (tokens_NT, mask_NT) -> ViGOS spans on this tokenizer: tags searched in the decoded text,
+  EOS and pad not counted as content."""
+  texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
   special = special_token_ids(tokenizer)
-  ignore = [special[t] for t in ("<|im_end|>", "<|endoftext|>") if t in special]
-  fmt = vigos.describe_reason_format(texts, encode, ignore_ids=ignore + [int(tokenizer.pad_token_id)])
-  return (fmt,) + vigos.brace_tables(texts + [""] * (vocab_size - len(texts)))
+  ignore = [special[t] for t in ("<|im_end|>", "<|endoftext|>") if t in special] + [int(tokenizer.pad_token_id)]
+  return functools.partial(vigos.describe_reason_spans, token_texts=texts, ignore_ids=ignore)
 
 
 def check_teacher(teacher_cfg, student_cfg):
@@ -194,12 +192,12 @@ def uniform_image_patches(prompt_batch) -> int:
 
 
 def teacher_pass(teacher: Teacher, contexts: dict, tokens_NT, mask_NT, *, method: str, group_size: int,
-                 chunk_size: int = 128, vigos_tables=None, reasoning_sees_description: bool = False,
-                 image_patches: int = 0) -> TeacherOut:
+                 chunk_size: int = 128, spans: vigos.DescribeReasonSpans | None = None,
+                 reasoning_sees_description: bool = False, image_patches: int = 0) -> TeacherOut:
   """The teachers' hidden states on the student's completion grid (pure; jit it with the static arguments).
 
   contexts: "real" -> the student's PromptInputs, and each prompt variant of `prompt_variants` by name.
-  vigos_tables: (DescribeReasonFormat, brace_delta_V, brace_min_V) for vigos.
+  spans: vigos: the completions' spans (`vigos_span_fn`, on the host after sampling).
   image_patches: > 0 with a "<context>@decoy_answer" variant present: also the PALR shifts of the privileged teacher
     (reasoning teacher for vigos), KL(q || q with another sample's answer) and KL(q || q with the next prompt's image).
   """
@@ -208,7 +206,7 @@ def teacher_pass(teacher: Teacher, contexts: dict, tokens_NT, mask_NT, *, method
   hidden_of = lambda prompt, toks=tokens_NT, m=mask_NT: jax.lax.stop_gradient(
       completion_hidden(model, prompt, toks, m, group_size)[0])
   hidden = lambda ctx, toks=tokens_NT, m=mask_NT: hidden_of(contexts[ctx], toks, m)
-  spans = vds_NT = shifts = None
+  vds_NT = shifts = None
   palr_on = image_patches > 0 and any(k.endswith(DECOY) for k in contexts)
 
   def palr_shifts(h_NTD, h_answer_NTD, h_image_NTD):
@@ -226,8 +224,8 @@ def teacher_pass(teacher: Teacher, contexts: dict, tokens_NT, mask_NT, *, method
       shifts = palr_shifts(out["teacher"], hidden(name + DECOY),
                            hidden_of(rolled_images(contexts[name], image_patches)))
   elif method == "vigos":
-    fmt, delta_V, min_V = vigos_tables
-    spans = vigos.describe_reason_spans(tokens_NT, mask_NT, fmt=fmt, brace_delta_V=delta_V, brace_min_V=min_V)
+    if spans is None:
+      raise ValueError("teacher_pass: method='vigos' needs the completions' spans (distill.vigos_span_fn)")
     if reasoning_sees_description:
       reasoning_of = lambda prompt: hidden_of(prompt)
     else:
@@ -245,7 +243,7 @@ def teacher_pass(teacher: Teacher, contexts: dict, tokens_NT, mask_NT, *, method
     vds_NT = jnp.where(mask_NT > 0, vds_NT, 0.0)
   else:
     raise ValueError(f"teacher_pass: method={method!r} is not a distillation method")
-  return TeacherOut(hidden=out, spans=spans, vds_NT=vds_NT, shifts=shifts)
+  return TeacherOut(hidden=out, spans=spans if method == "vigos" else None, vds_NT=vds_NT, shifts=shifts)
 
 
 # ---------------------------------------------------------------------------------------------------------- the step
@@ -362,18 +360,14 @@ def make_step(cfg: Config, *, tx, group_size: int, loss_cfg: losses.PolicyLossCo
   return jax.jit(fn, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_teacher_pass(cfg: Config, tokenizer, group_size: int, vocab_size: int):
-  """The jitted teacher pass for `cfg.distill` (teacher, contexts, tokens_NT, mask_NT) -> TeacherOut."""
+def make_teacher_pass(cfg: Config, group_size: int):
+  """The jitted teacher pass for `cfg.distill` (teacher, contexts, tokens_NT, mask_NT, spans=None) -> TeacherOut;
+  vigos takes the spans of `vigos_span_fn`."""
   d = cfg.distill
-  tables = vigos_format(tokenizer, vocab_size) if d.method == "vigos" else None
-  fmt_tables = None
-  if tables is not None:
-    fmt, delta_V, min_V = tables
-    fmt_tables = (fmt, jnp.asarray(delta_V), jnp.asarray(min_V))
 
-  def fn(teacher, contexts, tokens_NT, mask_NT, image_patches=0):
+  def fn(teacher, contexts, tokens_NT, mask_NT, spans=None, image_patches=0):
     return teacher_pass(teacher, contexts, tokens_NT, mask_NT, method=d.method, group_size=group_size,
-                        chunk_size=d.chunk_size, vigos_tables=fmt_tables,
+                        chunk_size=d.chunk_size, spans=spans,
                         reasoning_sees_description=d.reasoning_teacher_sees_description,
                         image_patches=image_patches)
 

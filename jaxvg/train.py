@@ -123,7 +123,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   if teacher is not None and teacher.params is not initial:  # a teacher of its own: shard it like a policy
     teacher = hosts.put(teacher, sharding.state_shardings(mesh, jax.eval_shape(lambda: teacher)))
   if distilling:
-    teacher_pass = distill.make_teacher_pass(cfg, tokenizer, G, model_cfg.text.vocab_size)
+    teacher_pass = distill.make_teacher_pass(cfg, G)
+    vigos_spans = distill.vigos_span_fn(tokenizer) if cfg.distill.method == "vigos" else None
     distill_step = distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg,
                                      out_shardings=(state_shardings, replicated))
   credit_fn = credit.make_batch_credit_fn(cfg.credit, model_cfg, tokenizer, G, fmt=fmt)
@@ -205,7 +206,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
         continue
       prompt = place(credit.as_prompt_inputs(batch.prompts))
       tokens_NT = place(jnp.asarray(rolls.tokens_BT))
-      mask_NT = place(jnp.asarray(np.asarray(rolls.mask_BT) & keep_N[:, None]))
+      kept_mask_NT = np.asarray(rolls.mask_BT) & keep_N[:, None]
+      mask_NT = place(jnp.asarray(kept_mask_NT))
       if uses_rl:
         logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
       else:
@@ -227,7 +229,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
         # PALR swaps images between prompts: only where every prompt holds one image of one grid.
         patches = distill.uniform_image_patches(batch.prompts) if cfg.distill.palr else 0
         palr_skipped += int(cfg.distill.palr and not patches)
-        prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT,
+        spans = place(vigos_spans(rolls.tokens_BT, kept_mask_NT)) if vigos_spans else None
+        prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT, spans,
                                                                        image_patches=patches))
     credit_metrics, dep_map = {}, None
     if prepared and uses_rl:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps

@@ -14,13 +14,13 @@ is prefilled in the prompt). On the student's completion grid [B, T]:
 
 Following the released code, the reasoning teacher's sequence is its privileged prompt plus only the student's
 reasoning+answer tokens; the caller builds it from `reasoning_start_B` / `reasoning_end_B` and scatters its
-hidden states back onto the completion grid. Tags are matched on token ids: a tag is one or more id sequences,
-and each position of a sequence lists the ids it accepts, because BPE merges tag characters with their neighbours
-(Qwen: "</description>\\n" -> "</", "description", ">\\n"; "\\boxed{(" -> "\\", "boxed", "{(").
+hidden states back onto the completion grid. The spans are found on the host after sampling, by searching the tags
+in the decoded text and mapping character offsets back to tokens (`row_spans`): BPE merges tag characters with
+their neighbours (Qwen: ".</", ")</", "><", ">\\n", ">\\", "}."), so a tag is no fixed sequence of token ids.
 """
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,158 +31,81 @@ from jaxvg import divergences
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Format: tags on token ids.
-
-
-@dataclasses.dataclass(frozen=True)
-class Tag:
-  """A marker in token ids: alternative id sequences; position j of a sequence accepts any id in its tuple."""
-  alternatives: tuple[tuple[tuple[int, ...], ...], ...]
-
-  def __post_init__(self):
-    if not self.alternatives or any(not alt or any(not ids for ids in alt) for alt in self.alternatives):
-      raise ValueError(f"a Tag needs non-empty sequences of non-empty id sets, got alternatives={self.alternatives}")
-
-
-def make_tag(*alternatives: Sequence[int | Sequence[int]]) -> Tag:
-  """make_tag([5]): one token; make_tag([7, 8, (9, 10)]): three tokens, the last 9 or 10; make_tag([5], [7, 8, 9]).
-
-  Example: `</description>` in Qwen2.5 is "</", "description", then a token starting with ">" (">", ">\\n", ...).
-  """
-  norm = []
-  for alt in alternatives:
-    if isinstance(alt, int):
-      raise ValueError(f"each alternative must be a sequence of positions, got the int {alt}; write make_tag([{alt}])")
-    norm.append(tuple((int(p),) if isinstance(p, (int, np.integer)) else tuple(int(i) for i in p) for p in alt))
-  return Tag(alternatives=tuple(norm))
+# Format: the tags, found in the decoded completion.
 
 
 @dataclasses.dataclass(frozen=True)
 class DescribeReasonFormat:
-  """The token-id form of the ViGOS student format.
+  """The ViGOS student format as text.
 
-  description_open: None when <description> is prefilled in the prompt (ViGOS), so the description starts at token 0;
-    a Tag when the completion itself must open it.
-  boxed_open: the ids of "\\boxed{", ending with the token(s) that hold the opening brace.
-  content_ignore_ids: ids that do not count as content (EOS, pad), for the non-empty span rule.
+  description_open: None when "<description>" is prefilled in the prompt (ViGOS), so the description starts at
+    token 0; the tag text when the completion itself must open it.
   require_think_content: False follows the released code (the reasoning span T_r u T_a, which holds </think> and the
     boxed answer, must have a content token); True also requires a content token between <think> and </think>.
   """
-  description_close: Tag
-  think_open: Tag
-  think_close: Tag
-  boxed_open: Tag
-  description_open: Tag | None = None
-  content_ignore_ids: tuple[int, ...] = ()
+  description_close: str = "</description>"
+  think_open: str = "<think>"
+  think_close: str = "</think>"
+  boxed_open: str = "\\boxed{"
+  description_open: str | None = None
   require_think_content: bool = False
 
+  def __post_init__(self):
+    for name in ("description_close", "think_open", "think_close", "boxed_open", "description_open"):
+      if getattr(self, name) == "":
+        raise ValueError(f"DescribeReasonFormat.{name} must be a non-empty tag, got ''")
+    if not self.boxed_open.endswith("{"):
+      raise ValueError(f"DescribeReasonFormat.boxed_open must end with '{{', got {self.boxed_open!r}")
 
-TAG_PREFIXES = ("", " ", "\n")  # the tag alone, and after a space or newline (BPE merges them into its first token)
+
+@dataclasses.dataclass(frozen=True)
+class RowSpans:
+  """Token spans [start, end) of one valid completion."""
+  description: tuple[int, int]
+  reasoning: tuple[int, int]
+  think: tuple[int, int]  # between <think> and </think> (exclusive of both tags' tokens)
 
 
-def tag_from_vocab(text: str, *, token_texts: Sequence[str], encode: Callable[[str], list[int]]) -> Tag:
-  """The `Tag` of `text` for a tokenizer: its tokenizations alone and after " " / "\n", each widened at the ends.
+def row_spans(pieces: Sequence[str], fmt: DescribeReasonFormat = DescribeReasonFormat()) -> RowSpans | None:
+  """The spans of one completion given as the decoded text of each of its tokens; None when the tags are missing.
 
-  The first position accepts every token whose text is the tag's first piece behind optional whitespace (" </",
-  "\n</"), the last every token that starts with the tag's last piece (">" also matches ">\n", "{" also "{5}").
-  token_texts: the decoded text of every id; encode: text -> ids without special tokens.
+  The tags are searched in the text, in order, each after the previous one's end: </description>, <think>, </think>,
+  \\boxed{ and its matching closing brace (nested braces counted). A tag occupies every token that holds one of its
+  characters, so a token that straddles a tag boundary (Qwen's ".</", "><", ">\\n", "}." ...) belongs to the tag:
+    description = tokens before the one holding the "<" of </description>,
+    reasoning   = tokens after the one holding the ">" of <think>, through the one holding the box's closing "}".
+  This is the released code's rule (search the decoded text, map character offsets to tokens), which it applies
+  through the fast tokenizer's offset mapping; here the offsets are the per-token texts' own, so sampled,
+  non-canonical tokenizations map exactly too. Tags are ASCII, so a multi-byte character split over tokens (decoded
+  as U+FFFD per token) cannot create or hide one.
   """
-  strip_ws = [t.lstrip() for t in token_texts]
-  alternatives = set()
-  for prefix in TAG_PREFIXES:
-    ids = encode(prefix + text)
-    pieces = [token_texts[i] for i in ids]
-    if "".join(pieces) != prefix + text:
-      raise ValueError(f"decoding the tokens of {prefix + text!r} gives {''.join(pieces)!r}: token_texts must be the "
-                       "tokenizer's decoded vocabulary")
-    first = pieces[0][len(prefix):].lstrip() if len(pieces[0]) > len(prefix) else None
-    if first is None:  # the prefix is a token of its own: the tag starts at the next one
-      ids, pieces = ids[1:], pieces[1:]
-      first = pieces[0]
-    last = pieces[-1] if len(pieces) > 1 else None
-    positions = []
-    for j, i in enumerate(ids):
-      if j == 0:
-        allowed = [v for v, t in enumerate(strip_ws) if t == first or (len(pieces) == 1 and t.startswith(first))]
-      elif j == len(ids) - 1:
-        allowed = [v for v, t in enumerate(token_texts) if t.startswith(last)]
-      else:
-        allowed = [i]
-      positions.append(tuple(sorted(set(allowed) | {i})))
-    alternatives.add(tuple(positions))
-  return Tag(alternatives=tuple(sorted(alternatives)))
+  ends = np.cumsum([len(p) for p in pieces])
+  text = "".join(pieces)
+  token_of = lambda char: int(np.searchsorted(ends, char, side="right"))  # the token holding character `char`
 
+  def find(tag, lo):  # (first token, one past the last token, char end) of the first `tag` at or after char lo
+    at = text.find(tag, lo)
+    return None if at < 0 else (token_of(at), token_of(at + len(tag) - 1) + 1, at + len(tag))
 
-def describe_reason_format(token_texts: Sequence[str], encode: Callable[[str], list[int]], *,
-                           ignore_ids: Sequence[int] = (), description_prefilled: bool = True
-                           ) -> DescribeReasonFormat:
-  """The ViGOS format on a tokenizer's ids: </description>, <think>, </think> and \\boxed{ as `tag_from_vocab` tags.
-
-  ignore_ids: ids that are not content (EOS, pad). description_prefilled: the prompt ends with "<description>"
-  (ViGOS); False makes the completion open it.
-  """
-  tag = lambda text: tag_from_vocab(text, token_texts=token_texts, encode=encode)
-  return DescribeReasonFormat(
-      description_close=tag("</description>"), think_open=tag("<think>"), think_close=tag("</think>"),
-      boxed_open=tag("\\boxed{"), description_open=None if description_prefilled else tag("<description>"),
-      content_ignore_ids=tuple(int(i) for i in ignore_ids))
-
-
-def brace_tables(token_texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Per-token brace structure, for matching the closing brace of \\boxed{...} on token ids.
-
-  Returns:
-    delta_V: number of "{" minus number of "}" in the token's text.
-    min_V: min(0, the lowest running balance after each character), e.g. "}" -> -1, "}{" -> -1, "}}" -> -2, "{" -> 0.
-  A token closes a box entered at depth d iff d + min_V[token] <= 0.
-  """
-  delta_V = np.zeros(len(token_texts), np.int32)
-  min_V = np.zeros(len(token_texts), np.int32)
-  for v, text in enumerate(token_texts):
-    balance = lowest = 0
-    for char in text:
-      balance += (char == "{") - (char == "}")
-      lowest = min(lowest, balance)
-    delta_V[v], min_V[v] = balance, lowest
-  return delta_V, min_V
-
-
-def _shift_left(a_BT: jax.Array, j: int, fill) -> jax.Array:
-  """a[:, t + j] at t (fill past the end)."""
-  T = a_BT.shape[1]
-  if j >= T:
-    return jnp.full_like(a_BT, fill)
-  return jnp.concatenate([a_BT[:, j:], jnp.full_like(a_BT[:, :j], fill)], axis=1)
-
-
-def _tag_matches(tag: Tag, ids_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(match_BT: a tag starts at t, end_BT: one past its last token, the longest alternative matching at t)."""
-  t_T = jnp.arange(ids_BT.shape[1])
-  match_BT = jnp.zeros(ids_BT.shape, bool)
-  end_BT = jnp.zeros(ids_BT.shape, jnp.int32)
-  for alt in tag.alternatives:
-    ok_BT = jnp.ones(ids_BT.shape, bool)
-    for j, allowed in enumerate(alt):
-      ids_j = _shift_left(ids_BT, j, -1)
-      hit_BT = jnp.any(ids_j[..., None] == jnp.asarray(allowed, ids_BT.dtype), axis=-1)
-      ok_BT = ok_BT & hit_BT & _shift_left(mask_BT, j, False)
-    end_BT = jnp.where(ok_BT, jnp.maximum(end_BT, t_T + len(alt)), end_BT)
-    match_BT = match_BT | ok_BT
-  return match_BT, end_BT
-
-
-def _first_at_or_after(match_BT: jax.Array, end_BT: jax.Array, lo_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(start_B, end_B) of the first match at t >= lo_B; start_B = T when there is none."""
-  T = match_BT.shape[1]
-  t_T = jnp.arange(T)
-  start_B = jnp.min(jnp.where(match_BT & (t_T >= lo_B[:, None]), t_T, T), axis=-1)
-  end_B = jnp.take_along_axis(end_BT, jnp.minimum(start_B, T - 1)[:, None], axis=-1)[:, 0]
-  return start_B, jnp.where(start_B < T, end_B, T)
-
-
-def _in_range(lo_B: jax.Array, hi_B: jax.Array, T: int) -> jax.Array:
-  t_T = jnp.arange(T)
-  return (t_T >= lo_B[:, None]) & (t_T < hi_B[:, None])
+  desc_start, lo = 0, 0
+  if fmt.description_open is not None:
+    dopen = find(fmt.description_open, 0)
+    if dopen is None:
+      return None
+    desc_start, lo = dopen[1], dopen[2]
+  dclose = find(fmt.description_close, lo)
+  think = dclose and find(fmt.think_open, dclose[2])
+  tclose = think and find(fmt.think_close, think[2])
+  box = tclose and find(fmt.boxed_open, tclose[2])
+  if box is None:
+    return None
+  depth = 1
+  for at in range(box[2], len(text)):
+    depth += (text[at] == "{") - (text[at] == "}")
+    if depth == 0:
+      return RowSpans(description=(desc_start, dclose[0]), reasoning=(think[1], token_of(at) + 1),
+                      think=(think[1], tclose[0]))
+  return None
 
 
 @jax.tree_util.register_dataclass
@@ -198,79 +121,57 @@ class DescribeReasonSpans:
 
 
 def describe_reason_spans(
-    ids_BT: Int[Array, "B T"],
-    mask_BT: Bool[Array, "B T"],
+    ids_BT: Int[np.ndarray, "B T"],
+    mask_BT: Bool[np.ndarray, "B T"],
     *,
-    fmt: DescribeReasonFormat,
-    brace_delta_V: Int[Array, "V"],
-    brace_min_V: Int[Array, "V"],
+    token_texts: Sequence[str],
+    fmt: DescribeReasonFormat = DescribeReasonFormat(),
+    ignore_ids: Sequence[int] = (),
 ) -> DescribeReasonSpans:
-  """Find the ViGOS spans and the validity flag of each completion (released `_analyze_vigos_completion`).
+  """The ViGOS spans and validity flag of each completion, on the host (released `_analyze_vigos_completion`).
 
-  A row is valid iff, in order and within the mask: </description>; then <think>; then </think>; then \\boxed{ with
-  a matching closing brace (nested braces counted); and both the description span and the reasoning span hold a
-  content token (one not in `content_ignore_ids`). Answer correctness does not matter. Tokens between the spans
-  and after the closing brace (".", EOS) belong to no span.
+  A row is valid iff `row_spans` finds its tags within the mask, and both the description span and the reasoning span
+  hold a content token (one not in `ignore_ids`: EOS, pad). Answer correctness does not matter. Tokens between the
+  spans and after the closing brace (".", EOS) belong to no span; an invalid row's active tokens all go to the
+  reference teacher.
 
-  Example (one token per item, <description> prefilled, T = 12):
-    ids:         a  b  </description>  <think>  x  =  </think>  \\boxed{  5  }  .  <eos>
-    description  1  1  0               0        0  0  0         0         0  0  0  0
-    reasoning    0  0  0               0        1  1  1         1         1  1  0  0
-  Without </think> the row is invalid and reference_BT = mask_BT on that row.
+  Args:
+    ids_BT, mask_BT: sampled completions; each row's mask is a prefix (right padding).
+    token_texts: the decoded text of every id (ids past its end decode to "").
+
+  Example (one token per item, <description> prefilled):
+    tokens:      a  b.</  description  >\\n  <think>  x  =  </think>  \\boxed{  5  }.  <eos>
+    description  1  0     0            0     0        0  0  0         0         0  0   0
+    reasoning    0  0     0            0     0        1  1  1         1         1  1   0
   """
-  if ids_BT.shape != mask_BT.shape:
-    raise ValueError(f"ids_BT {ids_BT.shape} and mask_BT {mask_BT.shape} must have the same shape")
+  ids_BT, mask_BT = np.asarray(ids_BT), np.asarray(mask_BT).astype(bool)
+  if ids_BT.ndim != 2 or ids_BT.shape != mask_BT.shape:
+    raise ValueError(f"ids_BT {ids_BT.shape} and mask_BT {mask_BT.shape} must be equal 2-D shapes")
   B, T = ids_BT.shape
-  mask_BT = mask_BT.astype(bool)
-  zeros_B = jnp.zeros((B,), jnp.int32)
-
-  def find(tag, lo_B):
-    match_BT, end_BT = _tag_matches(tag, ids_BT, mask_BT)
-    return _first_at_or_after(match_BT, end_BT, lo_B)
-
-  desc_start_B, found = zeros_B, jnp.ones((B,), bool)
-  if fmt.description_open is not None:
-    open_s, desc_start_B = find(fmt.description_open, zeros_B)
-    found = open_s < T
-  dclose_s, dclose_e = find(fmt.description_close, desc_start_B)
-  think_s, think_e = find(fmt.think_open, dclose_e)
-  tclose_s, tclose_e = find(fmt.think_close, think_e)
-  box_s, box_e = find(fmt.boxed_open, tclose_e)
-  found = found & (dclose_s < T) & (think_s < T) & (tclose_s < T) & (box_s < T)
-
-  # Brace depth relative to the start of \boxed{: cum_BT[t] = depth before token t.
-  brace_delta_V, brace_min_V = jnp.asarray(brace_delta_V, jnp.int32), jnp.asarray(brace_min_V, jnp.int32)
-  if brace_delta_V.shape != brace_min_V.shape or brace_delta_V.ndim != 1:
-    raise ValueError(f"brace_delta_V {brace_delta_V.shape} and brace_min_V {brace_min_V.shape} must be equal [V] "
-                     "tables")
-  safe_ids_BT = jnp.clip(ids_BT, 0, brace_delta_V.shape[0] - 1)
-  delta_BT = jnp.where(mask_BT, brace_delta_V[safe_ids_BT], 0)
-  min_BT = jnp.where(mask_BT, jnp.minimum(brace_min_V[safe_ids_BT], 0), 0)
-  cum_BT = jnp.concatenate([jnp.zeros((B, 1), delta_BT.dtype), jnp.cumsum(delta_BT, axis=-1)], axis=-1)
-  take = lambda a_BT, i_B: jnp.take_along_axis(a_BT, jnp.clip(i_B, 0, a_BT.shape[1] - 1)[:, None], axis=-1)[:, 0]
-  base_B = take(cum_BT, box_s)
-  closes_BT = mask_BT & (cum_BT[:, :T] - base_B[:, None] + min_BT <= 0) & (jnp.arange(T) >= box_e[:, None])
-  closes_at_open_B = take(cum_BT, box_e) - base_B <= 0  # "{}" or "{5}" merged into the opening token
-  close_B = jnp.where(closes_at_open_B, box_e - 1, jnp.min(jnp.where(closes_BT, jnp.arange(T), T), axis=-1))
-  found = found & (close_B < T)
-  answer_end_B = close_B + 1
-
-  ignore = jnp.asarray(fmt.content_ignore_ids or (-1,), ids_BT.dtype)
-  content_BT = mask_BT & ~jnp.any(ids_BT[..., None] == ignore, axis=-1)
-  description_BT = mask_BT & _in_range(desc_start_B, dclose_s, T)
-  reasoning_BT = mask_BT & _in_range(think_e, answer_end_B, T)
-  valid_B = found & jnp.any(description_BT & content_BT, axis=-1) & jnp.any(reasoning_BT & content_BT, axis=-1)
-  if fmt.require_think_content:
-    valid_B = valid_B & jnp.any(content_BT & _in_range(think_e, tclose_s, T), axis=-1)
-
-  return DescribeReasonSpans(
-      description_BT=description_BT & valid_B[:, None],
-      reasoning_BT=reasoning_BT & valid_B[:, None],
-      reference_BT=mask_BT & ~valid_B[:, None],
-      valid_B=valid_B,
-      reasoning_start_B=jnp.where(valid_B, think_e, 0).astype(jnp.int32),
-      reasoning_end_B=jnp.where(valid_B, answer_end_B, 0).astype(jnp.int32),
-  )
+  length_B = mask_BT.sum(-1)
+  ragged = [b for b in range(B) if not mask_BT[b, :length_B[b]].all()]
+  if ragged:
+    raise ValueError(f"describe_reason_spans: the masks of rows {ragged[:8]} are not prefixes (right padding)")
+  ignore = np.asarray(list(ignore_ids) or [-1])
+  content_BT = mask_BT & ~np.isin(ids_BT, ignore)
+  n_texts = len(token_texts)
+  out = {k: np.zeros((B, T), bool) for k in ("description_BT", "reasoning_BT")}
+  start_B, end_B, valid_B = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, bool)
+  for b in range(B):
+    ids = ids_BT[b, :length_B[b]]
+    spans = row_spans([token_texts[i] if 0 <= i < n_texts else "" for i in ids], fmt)
+    if spans is None:
+      continue
+    has_content = lambda span: content_BT[b, span[0]:span[1]].any()
+    ok = has_content(spans.description) and has_content(spans.reasoning)
+    if not ok or (fmt.require_think_content and not has_content(spans.think)):
+      continue
+    valid_B[b] = True
+    out["description_BT"][b, slice(*spans.description)] = True
+    out["reasoning_BT"][b, slice(*spans.reasoning)] = True
+    start_B[b], end_B[b] = spans.reasoning
+  return DescribeReasonSpans(**out, reference_BT=mask_BT & ~valid_B[:, None], valid_B=valid_B,
+                             reasoning_start_B=start_B, reasoning_end_B=end_B)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,7 @@ def test_the_std_gradient_is_the_gradient_of_standard_opd(tok):  # noqa: F811
   grads = distill.vgs_term_gradients(params, graphdef, w_T, batch, d=cfg.distill, group_size=G)
 
   opd = dataclasses.replace(cfg.distill, method="opd", divergence="kl_student_teacher")
-  opd_out = distill.make_teacher_pass(dataclasses.replace(cfg, distill=opd), tok, G,
-                                      model.cfg.text.vocab_size)(teacher, ctx, tokens, mask)
+  opd_out = distill.make_teacher_pass(dataclasses.replace(cfg, distill=opd), G)(teacher, ctx, tokens, mask)
   opd_batch = dataclasses.replace(batch, teacher=opd_out, prompt_text=None)
   g_opd, _ = jax.grad(distill.distill_loss_fn, has_aux=True)(params, graphdef, w_T, opd_batch, d=opd, group_size=G,
                                                              loss_cfg=None)

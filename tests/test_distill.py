@@ -23,21 +23,18 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def vigos_tables(tok):
-  return distill.vigos_format(tok, len(tok))
+def vigos_spans(tok):
+  return distill.vigos_span_fn(tok)
 
 
-def _spans(tok, tables, texts, pad_to=None):
-  fmt, delta_V, min_V = tables
+def _spans(tok, span_fn, texts, pad_to=None):
   rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
   T = pad_to or max(map(len, rows))
   ids = np.zeros((len(rows), T), np.int32)
   mask = np.zeros((len(rows), T), bool)
   for i, r in enumerate(rows):
     ids[i, :len(r)], mask[i, :len(r)] = r, True
-  spans = vigos.describe_reason_spans(jnp.asarray(ids), jnp.asarray(mask), fmt=fmt, brace_delta_V=delta_V,
-                                      brace_min_V=min_V)
-  return ids, spans
+  return ids, span_fn(ids, mask)
 
 
 def _decode(tok, ids, mask):
@@ -45,11 +42,11 @@ def _decode(tok, ids, mask):
 
 
 @pytest.mark.parametrize("sep", [" ", "\n", "\n\n"])
-def test_vigos_spans_on_the_shipped_tokenizer(tok, vigos_tables, sep):
+def test_vigos_spans_on_the_shipped_tokenizer(tok, vigos_spans, sep):
   # The completion after the prefilled "<description>", with the tags glued to spaces or newlines as a model writes
   # them (BPE then merges the separator into the tag's first token).
   text = f"a red circle{sep}</description>{sep}<think>{sep}3 + 2 = 5{sep}</think>{sep}\\boxed{{5}}."
-  ids, spans = _spans(tok, vigos_tables, [text])
+  ids, spans = _spans(tok, vigos_spans, [text])
   assert bool(spans.valid_B[0])
   description = _decode(tok, ids[0], np.asarray(spans.description_BT[0]))
   reasoning = _decode(tok, ids[0], np.asarray(spans.reasoning_BT[0]))
@@ -67,8 +64,8 @@ def test_vigos_spans_on_the_shipped_tokenizer(tok, vigos_tables, sep):
     "a red circle </description> <think> 3 + 2 = 5 </think> \\boxed{5",    # unclosed box
     "a red circle </think> <think> </description> \\boxed{5}",            # out of order
 ])
-def test_vigos_invalid_completions_go_to_the_reference_teacher(tok, vigos_tables, text):
-  ids, spans = _spans(tok, vigos_tables, [text])
+def test_vigos_invalid_completions_go_to_the_reference_teacher(tok, vigos_spans, text):
+  ids, spans = _spans(tok, vigos_spans, [text])
   assert not bool(spans.valid_B[0])
   assert not np.asarray(spans.description_BT).any() and not np.asarray(spans.reasoning_BT).any()
   assert np.asarray(spans.reference_BT[0]).sum() == len(tok(text, add_special_tokens=False)["input_ids"])
@@ -135,7 +132,8 @@ def _kl(logp, logq):
 
 
 def _distill_batch(cfg, model, teacher, ctx, tokens, mask, tok):
-  out = distill.make_teacher_pass(cfg, tok, G, model.cfg.text.vocab_size)(teacher, ctx, tokens, mask)
+  spans = distill.vigos_span_fn(tok)(np.asarray(tokens), np.asarray(mask)) if cfg.distill.method == "vigos" else None
+  out = distill.make_teacher_pass(cfg, G)(teacher, ctx, tokens, mask, spans)
   (norms,) = distill.step_normalizers(cfg.distill.method, cfg.distill, [mask], [out])
   return distill.DistillBatch(prompt=ctx["real"], prompt_text=ctx.get("no_image"), tokens_NT=tokens, mask_NT=mask,
                               teacher=out, policy=None, **norms)
@@ -191,7 +189,7 @@ def test_vigos_loss_equals_three_teachers_by_hand(tok):
            "a blue square </description>\n<think>\n1 + 1 = 2\n</think>\n\\boxed{2}",
            "red </description> <think> 3 + 2 = 5 \\boxed{5}",
            "two green dots on the left </description> <think> 4 </think> \\boxed{4}"]
-  ids, spans_ref = _spans(tok, distill.vigos_format(tok, len(tok)), texts, pad_to=32)
+  ids, spans_ref = _spans(tok, distill.vigos_span_fn(tok), texts, pad_to=32)
   tokens = jnp.asarray(ids)
   rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
   mask = jnp.asarray(np.arange(32)[None, :] < np.asarray([len(r) for r in rows])[:, None]).astype(jnp.int32)
@@ -243,7 +241,7 @@ def test_two_micro_batches_make_the_same_update_as_one_batch(tok, method):
   graphdef, params = nnx.split(model, nnx.Param)
 
   def run(parts, group_size):
-    teacher_pass = distill.make_teacher_pass(cfg, tok, group_size, model.cfg.text.vocab_size)
+    teacher_pass = distill.make_teacher_pass(cfg, group_size)
     outs = [teacher_pass(teacher, ctx, t, m) for t, m in parts]
     norms = distill.step_normalizers(method, cfg.distill, [m for _, m in parts], outs)
     micro = tuple(distill.DistillBatch(prompt=ctx["real"], prompt_text=ctx.get("no_image"), tokens_NT=t, mask_NT=m,
@@ -318,8 +316,7 @@ def test_palr_parts_equal_the_formula_from_full_logits(tok):
   grid = np.asarray(ctx[name].vision.rope_hw_P2)  # one 8 x 8 image per prompt in this batch
   P = 64
   assert grid.shape[0] >= 2 * P
-  out = distill.make_teacher_pass(cfg, tok, G, student.cfg.text.vocab_size)(teacher, ctx, tokens, mask,
-                                                                             image_patches=P)
+  out = distill.make_teacher_pass(cfg, G)(teacher, ctx, tokens, mask, image_patches=P)
   (norms,) = distill.step_normalizers("opsd", cfg.distill, [mask], [out])
   batch = distill.DistillBatch(prompt=ctx["real"], prompt_text=None, tokens_NT=tokens, mask_NT=mask, teacher=out,
                                policy=None, **norms)

@@ -1,4 +1,6 @@
-"""ViGOS: spans and validity on hand-written completions, the loss against a naive reference, global normalization."""
+"""ViGOS: spans and validity on hand-written completions, the loss against a naive reference, global normalization.
+
+The span rule is also checked on the real Qwen2.5 vocabulary in tests/test_vigos_real_vocab.py."""
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +11,10 @@ from jaxvg import divergences as dv
 from jaxvg import vigos
 
 VOCAB = ["<pad>", "<eos>", "</", "description", ">", ">\n", "<think>", "</think>", "\\", "boxed", "{", "}", "}}",
-         "{(", ")}", "}{", "a", "b", "x", "=", "5", "frac", ".", "<th", "ink", "1", "2", "{5}"]
+         "{(", ")}", "}{", "a", "b", "x", "=", "5", "frac", ".", "<th", "ink", "1", "2", "{5}", "<", ".</", "}."]
 ID = {text: i for i, text in enumerate(VOCAB)}
-DELTA_V, MIN_V = vigos.brace_tables(VOCAB)
-
-FMT = vigos.DescribeReasonFormat(
-    description_close=vigos.make_tag([ID["</"], ID["description"], (ID[">"], ID[">\n"])]),
-    think_open=vigos.make_tag([ID["<think>"]], [ID["<th"], ID["ink"], (ID[">"], ID[">\n"])]),
-    think_close=vigos.make_tag([ID["</think>"]]),
-    boxed_open=vigos.make_tag([ID["\\"], ID["boxed"], (ID["{"], ID["{("], ID["{5}"])]),
-    content_ignore_ids=(ID["<pad>"], ID["<eos>"]),
-)
+IGNORE = (ID["<pad>"], ID["<eos>"])
+FMT = vigos.DescribeReasonFormat()
 T = 20
 DCLOSE = ["</", "description", ">\n"]
 BOX5 = ["\\", "boxed", "{", "5", "}"]
@@ -32,28 +27,16 @@ def _encode(rows, n_active=None):
   for b, row in enumerate(rows):
     ids[b, :len(row)] = [ID[t] for t in row]
     mask[b, :len(row) if n_active is None else n_active[b]] = True
-  return jnp.asarray(ids), jnp.asarray(mask)
-
-
-SPANS = jax.jit(vigos.describe_reason_spans, static_argnames="fmt")
+  return ids, mask
 
 
 def _spans(rows, fmt=FMT, n_active=None):
   ids, mask = _encode(rows, n_active)
-  return SPANS(ids, mask, fmt=fmt, brace_delta_V=DELTA_V, brace_min_V=MIN_V), mask  # numpy tables are accepted
+  return vigos.describe_reason_spans(ids, mask, token_texts=VOCAB, fmt=fmt, ignore_ids=IGNORE), mask
 
 
 def _positions(mask_T):
   return [int(t) for t in np.flatnonzero(np.asarray(mask_T))]
-
-
-def test_brace_tables_by_hand():
-  assert (DELTA_V[ID["{"]], MIN_V[ID["{"]]) == (1, 0)
-  assert (DELTA_V[ID["}"]], MIN_V[ID["}"]]) == (-1, -1)
-  assert (DELTA_V[ID["}}"]], MIN_V[ID["}}"]]) == (-2, -2)
-  assert (DELTA_V[ID["}{"]], MIN_V[ID["}{"]]) == (0, -1)
-  assert (DELTA_V[ID[")}"]], MIN_V[ID[")}"]]) == (-1, -1)
-  assert (DELTA_V[ID["{5}"]], MIN_V[ID["{5}"]]) == (0, 0)
 
 
 def test_valid_completion_spans():
@@ -67,6 +50,17 @@ def test_valid_completion_spans():
   assert (int(spans.reasoning_start_B[0]), int(spans.reasoning_end_B[0])) == (6, 15)
 
 
+def test_tokens_straddling_a_tag_belong_to_the_tag():
+  # ".</" holds the description's last character and the tag's first: it is the tag's (the released rule), so the
+  # description is "a b"; "}." closes the box and ends the reasoning span.
+  #       0    1    2      3             4      5          6    7           8-10              11   12
+  row = ["a", "b", ".</", "description", ">\n", "<think>", "x", "</think>", "\\", "boxed", "{", "5", "}.", "<eos>"]
+  spans, _ = _spans([row])
+  assert bool(spans.valid_B[0])
+  assert _positions(spans.description_BT[0]) == [0, 1]
+  assert _positions(spans.reasoning_BT[0]) == list(range(6, 13))
+
+
 @pytest.mark.parametrize("name,row", [
     ("missing </think>", ["a", *DCLOSE, "<think>", "x", *BOX5]),
     ("missing </description>", ["a", "<think>", "x", "</think>", *BOX5]),
@@ -75,6 +69,7 @@ def test_valid_completion_spans():
     ("boxed before </think>", ["a", *DCLOSE, "<think>", "x", *BOX5, "</think>"]),
     ("empty description", [*DCLOSE, "<think>", "x", "</think>", *BOX5]),
     ("description of EOS only", ["<eos>", *DCLOSE, "<think>", "x", "</think>", *BOX5]),
+    ("description of the straddling token only", [".</", "description", ">", "<think>", "x", "</think>", *BOX5]),
     ("unclosed box", ["a", *DCLOSE, "<think>", "x", "</think>", "\\", "boxed", "{", "5", "<eos>"]),
     ("box closed only by an opening brace", ["a", *DCLOSE, "<think>", "x", "</think>", "\\", "boxed", "{", "{", "}"]),
 ])
@@ -90,7 +85,7 @@ def test_empty_reasoning_follows_the_code_by_default_and_the_strict_rule_on_requ
   spans, _ = _spans([row])
   assert bool(spans.valid_B[0])  # T_r u T_a still holds </think> and the boxed answer
   assert _positions(spans.reasoning_BT[0]) == list(range(5, 11))
-  strict, _ = _spans([row], fmt=vigos.DescribeReasonFormat(**{**FMT.__dict__, "require_think_content": True}))
+  strict, _ = _spans([row], fmt=vigos.DescribeReasonFormat(require_think_content=True))
   assert not bool(strict.valid_B[0])
 
 
@@ -131,11 +126,11 @@ def test_padding_hides_tags_and_rows_are_independent():
 
 
 def test_description_open_tag_when_not_prefilled():
-  fmt = vigos.DescribeReasonFormat(**{**FMT.__dict__, "description_open": vigos.make_tag([ID["<th"], ID["a"]])})
-  row = ["<th", "a", "b", *DCLOSE, "<think>", "x", "</think>", *BOX5]
-  spans, _ = _spans([row, row[2:]], fmt=fmt)
+  fmt = vigos.DescribeReasonFormat(description_open="<description>")
+  row = ["<", "description", ">", "b", *DCLOSE, "<think>", "x", "</think>", *BOX5]
+  spans, _ = _spans([row, row[3:]], fmt=fmt)
   np.testing.assert_array_equal(spans.valid_B, [True, False])
-  assert _positions(spans.description_BT[0]) == [2]
+  assert _positions(spans.description_BT[0]) == [3]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,12 +260,13 @@ def test_palr_by_hand():
 def test_bad_inputs_raise_named_errors():
   with pytest.raises(ValueError, match="lambda_reference"):
     vigos.ViGOSConfig(lambda_reference=-1.0)
-  with pytest.raises(ValueError, match="make_tag"):
-    vigos.make_tag(5)
-  with pytest.raises(ValueError, match="alternatives"):
-    vigos.Tag(alternatives=((),))
+  with pytest.raises(ValueError, match="think_open"):
+    vigos.DescribeReasonFormat(think_open="")
+  with pytest.raises(ValueError, match="boxed_open"):
+    vigos.DescribeReasonFormat(boxed_open="\\boxed")
   ids, mask = _encode([["a"]])
   with pytest.raises(ValueError, match="mask_BT"):
-    vigos.describe_reason_spans(ids, mask[:, :3], fmt=FMT, brace_delta_V=DELTA_V, brace_min_V=MIN_V)
-  with pytest.raises(ValueError, match="brace_min_V"):
-    vigos.describe_reason_spans(ids, mask, fmt=FMT, brace_delta_V=DELTA_V, brace_min_V=MIN_V[:3])
+    vigos.describe_reason_spans(ids, mask[:, :3], token_texts=VOCAB)
+  mask[0, 5] = True  # a hole: not right padding
+  with pytest.raises(ValueError, match=r"rows \[0\] are not prefixes"):
+    vigos.describe_reason_spans(ids, mask, token_texts=VOCAB)
