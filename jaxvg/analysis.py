@@ -85,7 +85,7 @@ class Policy:
   model_cfg: object  # jaxvg.models.ModelConfig
   fmt: object  # jaxvg.prompts.PromptFormat
   config: experiment.Config
-  tables: tuple  # (is_boundary_V, is_fallback_V, is_blank_V) step tables over the vocabulary
+  tables: steps.StepTables  # the step tables over the vocabulary, as device arrays
 
 
 def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: str | None = None,
@@ -123,8 +123,7 @@ def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: st
 def make_policy(config: experiment.Config, tokenizer, model) -> Policy:
   """The policy of a model in memory (e.g. one just trained by `sft.warm_start`) under the run's config."""
   graphdef, params = nnx.split(model, nnx.Param)
-  t = credit.step_tables(tokenizer, model.cfg.text.vocab_size)
-  tables = (jnp.asarray(t.is_boundary_V), jnp.asarray(t.is_fallback_V), jnp.asarray(t.is_blank_V))
+  tables = jax.tree.map(jnp.asarray, credit.step_tables(tokenizer, model.cfg.text.vocab_size))
   return Policy(tokenizer=tokenizer, graphdef=graphdef, params=params, model_cfg=model.cfg,
                 fmt=builders.prompt_format(config.data), config=config, tables=tables)
 
@@ -246,9 +245,7 @@ def _maps_stage(params, graphdef, prompt, counterfactual, tokens_NT, mask_NT, ta
   C = max_steps
   logp_real_NT, logp_cf_NT, kl_NT, top1_real_NT, top1_cf_NT = dual_pass(
       nnx.merge(graphdef, params), prompt, counterfactual, tokens_NT, mask_NT, group_size=group_size, with_top1=True)
-  boundary_V, fallback_V, blank_V = tables
-  seg = steps.segment_steps(tokens_NT, mask_NT, is_boundary_V=boundary_V, is_fallback_V=fallback_V,
-                            is_blank_V=blank_V, max_steps=C)
+  seg = steps.segment_steps(tokens_NT, mask_NT, **vars(tables), max_steps=C)
   step_v_NC = dependency.step_scores(logp_real_NT - logp_cf_NT, seg.step_ids_BT, C)
   valid_NC = jnp.arange(C)[None, :] < seg.num_steps_B[:, None]
   threshold, labels_M = clusters.otsu_threshold(step_v_NC.reshape(-1), valid_NC.reshape(-1))
@@ -519,16 +516,31 @@ def patch_grids(values_Q, image_grid_thw_I3, *, merge_size: int = 2) -> list[np.
 # ------------------------------------------------------------------------------------------------- display
 
 
+def token_pieces(tokenizer, tokens) -> list[str]:
+  """Each token's piece of the decoded text. A character split over byte-level tokens goes to the token that completes
+  it (the ones before get ""), so the pieces of well-formed UTF-8 concatenate to `tokenizer.decode(tokens)`."""
+  tokens, pieces, start = [int(t) for t in tokens], [], 0
+  for i in range(len(tokens)):
+    text = tokenizer.decode(tokens[start:i + 1])
+    # An unfinished UTF-8 sequence decodes to a trailing U+FFFD; a character spans at most 4 bytes, so 4 tokens.
+    if text.endswith("\ufffd") and i + 1 < len(tokens) and i + 1 - start < 4:
+      pieces.append("")
+    else:
+      pieces.append(text)
+      start = i + 1
+  return pieces
+
+
 def tokens_html(tokenizer, tokens_T, scores_T, mask_T=None, *, vmax: float | None = None, label: str = "") -> str:
   """The completion as HTML spans, each token's background as red as its score (score / vmax, default the max)."""
   tokens_T, scores_T = np.asarray(tokens_T), np.asarray(scores_T, np.float64)
   mask_T = np.ones(tokens_T.shape, bool) if mask_T is None else np.asarray(mask_T, bool)
   vmax = float(scores_T[mask_T].max(initial=0.0)) if vmax is None else vmax
   spans = []
-  for tok, s in zip(tokens_T[mask_T], scores_T[mask_T]):
+  for piece, s in zip(token_pieces(tokenizer, tokens_T[mask_T]), scores_T[mask_T]):
     alpha = 0.0 if vmax <= 0 else min(max(s / vmax, 0.0), 1.0) * 0.85
     spans.append(f'<span title="{s:.4g}" style="background: rgba(220, 38, 38, {alpha:.3f})">'
-                 f'{html.escape(tokenizer.decode([int(tok)]))}</span>')
+                 f'{html.escape(piece)}</span>')
   head = f"<div><b>{html.escape(label)}</b></div>" if label else ""
   return (f'{head}<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.6">'
           f'{"".join(spans)}</div>')

@@ -109,7 +109,7 @@ class StepInputs:
 
 
 def step_inputs(model, prompt: PromptInputs, counterfactual: PromptInputs | None, tokens_NT, mask_NT, logp_real_NT,
-                adv_o_N, suffix: confidence.AnswerSuffix, tables: tuple, *, group_size: int,
+                adv_o_N, suffix: confidence.AnswerSuffix, tables: steps.StepTables, *, group_size: int,
                 max_steps: int) -> StepInputs:
   """The model side of PACR (counterfactual None) and PDCR for one micro-batch: steps, and c_0..c_K in one pass.
 
@@ -119,13 +119,11 @@ def step_inputs(model, prompt: PromptInputs, counterfactual: PromptInputs | None
     tokens_NT, mask_NT: the completions; logp_real_NT: their log-probs with the real image (old policy).
     adv_o_N: the outcome advantage A_O of each row (passed through).
     suffix: the answer-forcing suffixes (`confidence.answer_suffixes`).
-    tables: (is_boundary_V, is_fallback_V, is_blank_V) from `step_tables`.
+    tables: the step tables (`step_tables`, as device arrays).
     group_size, max_steps: G and the static step slots C.
   """
   mask_NT = jnp.asarray(mask_NT, bool)
-  is_boundary_V, is_fallback_V, is_blank_V = tables
-  segments = steps.segment_steps(tokens_NT, mask_NT, is_boundary_V=is_boundary_V, is_fallback_V=is_fallback_V,
-                                 is_blank_V=is_blank_V, max_steps=max_steps)
+  segments = steps.segment_steps(tokens_NT, mask_NT, **vars(tables), max_steps=max_steps)
   T0 = prompt.input_ids_BT.shape[1]
   boundary_NK1 = steps.confidence_boundaries(jnp.full((tokens_NT.shape[0],), T0, jnp.int32), segments)
   c_NK1 = confidence.tree_confidences(model, prompt, tokens_NT, mask_NT, group_size, boundary_NK1=boundary_NK1,
@@ -208,8 +206,7 @@ def _make_step_batch_fn(cfg: CreditCfg, model_cfg, tokenizer, group_size: int, f
                 cfg.counterfactual)
   pdcr_cfg = pdcr.PDCRConfig(gamma=cfg.gamma, lambda_o=cfg.lambda_o, lambda_p=cfg.lambda_p,
                              step_score=cfg.step_score)
-  t = step_tables(tokenizer, model_cfg.text.vocab_size)
-  tables = (jnp.asarray(t.is_boundary_V), jnp.asarray(t.is_fallback_V), jnp.asarray(t.is_blank_V))
+  tables = jax.tree.map(jnp.asarray, step_tables(tokenizer, model_cfg.text.vocab_size))
   inputs_fn = jax.jit(functools.partial(_step_inputs_params, group_size=group_size, max_steps=cfg.max_steps),
                       static_argnums=(1,))
   advantages_fn = jax.jit(functools.partial(step_advantages, cfg=pdcr_cfg))

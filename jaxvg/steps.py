@@ -1,9 +1,11 @@
 """Reasoning-step segmentation on token ids, and the tree layout for answer-forcing confidences (PACR / PDCR).
 
-Steps (methods.md section 8): a response is split after every token whose decoded text contains "\\n\\n"; when that
-gives a single step, the split falls back to "\\n". A step ends at (and includes) its boundary token. Runs of
-boundary tokens and whitespace-only pieces merge into the previous step (a leading run merges into the first step);
-whatever follows the last boundary (the final answer) is the last step.
+Steps (methods.md section 8): a response is split after every token in which a "\\n\\n" of the response text ends:
+the token's own text contains it, or the previous token's text ends with "\\n" and this one's starts with "\\n" (a
+sampled, non-canonical tokenization such as ".\\n" + "\\n"). When that gives a single step, the split falls back to
+"\\n". A step ends at (and includes) its boundary token. Runs of boundary tokens and whitespace-only pieces merge into
+the previous step (a leading run merges into the first step); whatever follows the last boundary (the final answer)
+is the last step.
 
 Confidences: c_k = sum log pi(Y_gt tokens | I, q, H_<=k, answer-forcing suffix) for k = 0..K. All K + 1 of them come
 from one forward pass over the row [prompt + response | suffix copy 0 | ... | suffix copy K], where copy k attends to
@@ -27,13 +29,17 @@ class StepSegments:
   step_end_BC: jax.Array  # int32 [B, C]: response index of the last token of each step; -1 for c >= K_b
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepTables:
-  """Per-vocabulary-id tables built on the host from the tokenizer (numpy bool [V])."""
+  """Per-vocabulary-id tables built on the host from the tokenizer (bool [V]); the fields are `segment_steps`'s
+  keyword arguments: `segment_steps(tokens, mask, **vars(tables), max_steps=C)`."""
 
   is_boundary_V: np.ndarray  # decoded text contains the delimiter ("\n\n")
   is_fallback_V: np.ndarray  # decoded text contains the fallback delimiter ("\n")
   is_blank_V: np.ndarray  # decoded text is empty or whitespace-only
+  ends_head_V: np.ndarray  # decoded text ends with the delimiter's first character ("\n")
+  starts_tail_V: np.ndarray  # decoded text starts with the delimiter's second character ("\n")
 
 
 def build_step_tables(decode: Callable[[int], str], vocab_size: int, *, delimiter: str = "\n\n",
@@ -42,9 +48,12 @@ def build_step_tables(decode: Callable[[int], str], vocab_size: int, *, delimite
 
   `decode(id) -> str` is e.g. `lambda i: tokenizer.decode([i])`. `blank_ids` are also marked blank, so they never
   open a step: pass the end-of-turn / EOS ids, otherwise "answer\n\n<|im_end|>" would end with an EOS-only step.
+  The delimiter has one or two characters (two tokens can split a two-character one, see `segment_steps`), the
+  fallback delimiter one (no token pair can split it).
   """
-  if not delimiter or not fallback_delimiter:
-    raise ValueError(f"delimiters must be non-empty, got {delimiter!r} and {fallback_delimiter!r}")
+  if len(delimiter) not in (1, 2) or len(fallback_delimiter) != 1:
+    raise ValueError(f"the delimiter needs 1 or 2 characters and the fallback 1, got {delimiter!r} and "
+                     f"{fallback_delimiter!r}")
   if vocab_size < 1:
     raise ValueError(f"vocab_size must be positive, got {vocab_size}")
   bad = [i for i in blank_ids if not 0 <= i < vocab_size]
@@ -53,17 +62,16 @@ def build_step_tables(decode: Callable[[int], str], vocab_size: int, *, delimite
   texts = [decode(i) for i in range(vocab_size)]
   is_blank_V = np.array([not s.strip() for s in texts], bool)
   is_blank_V[list(blank_ids)] = True
+  split = len(delimiter) == 2
   return StepTables(is_boundary_V=np.array([delimiter in s for s in texts], bool),
-                    is_fallback_V=np.array([fallback_delimiter in s for s in texts], bool), is_blank_V=is_blank_V)
+                    is_fallback_V=np.array([fallback_delimiter in s for s in texts], bool), is_blank_V=is_blank_V,
+                    ends_head_V=np.array([split and s.endswith(delimiter[0]) for s in texts], bool),
+                    starts_tail_V=np.array([split and s.startswith(delimiter[1:]) for s in texts], bool))
 
 
-def _segment_row(tokens_T: jnp.ndarray, mask_T: jnp.ndarray, is_boundary_V: jnp.ndarray,
-                 is_blank_V: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Step ids (0-based, unclipped; 0 on padding) and the step count of one response."""
-  lookup = lambda table_V: jnp.take(table_V, tokens_T, mode="fill", fill_value=False) & mask_T
-  boundary_T = lookup(is_boundary_V)
-  content_T = mask_T & ~lookup(is_blank_V)
-  t_T = jnp.arange(tokens_T.shape[0])
+def _segment_row(boundary_T: jnp.ndarray, content_T: jnp.ndarray, mask_T: jnp.ndarray):
+  """Step ids (0-based, unclipped; 0 on padding) and the step count of one response from its token flags."""
+  t_T = jnp.arange(boundary_T.shape[0])
   # Index of the last content token strictly before t (-1 if none).
   prev_content_T = jnp.concatenate([jnp.array([-1]), jax.lax.cummax(jnp.where(content_T, t_T, -1))[:-1]])
   # Boundaries in [0, t - 1], and in [0, p - 1] for p = prev_content; their difference counts those in [p, t - 1].
@@ -78,44 +86,64 @@ def _segment_row(tokens_T: jnp.ndarray, mask_T: jnp.ndarray, is_boundary_V: jnp.
 
 def segment_steps(tokens_BT: Int[Array, "B T"], mask_BT: Bool[Array, "B T"], *, is_boundary_V: Bool[Array, " V"],
                   is_fallback_V: Bool[Array, " V"] | None = None, is_blank_V: Bool[Array, " V"] | None = None,
+                  ends_head_V: Bool[Array, " V"] | None = None, starts_tail_V: Bool[Array, " V"] | None = None,
                   max_steps: int) -> StepSegments:
   """Split each response into reasoning steps on token ids.
 
-  A new step starts at a non-blank token when a boundary token lies between it and the previous non-blank token.
-  Rows that give exactly one step with `is_boundary_V` are re-split with `is_fallback_V` (when given). Steps past
-  `max_steps` merge into the last one (step ids are clipped to max_steps - 1). Without `is_blank_V`, the tokens of
-  the boundary tables count as blank: right for tokenizers whose delimiter tokens are pure whitespace.
+  A valid token is a boundary when `is_boundary_V` holds for it, or (with `ends_head_V` and `starts_tail_V`) when it
+  starts with the delimiter's tail and the previous valid token ends with its head: the delimiter ends inside it in
+  the response text, also for a sampled tokenization that splits "\\n\\n" as ".\\n" + "\\n" (a token that decodes
+  to nothing, such as an id past the tokenizer, between the two hides that split). A new step starts at a non-blank
+  token when a boundary lies between it and the previous non-blank token. Rows that give exactly one step are
+  re-split with `is_fallback_V` (when given). Steps past `max_steps` merge into the last one (step ids are clipped to
+  max_steps - 1). Without `is_blank_V`, the tokens of the boundary tables count as blank: right for tokenizers whose
+  delimiter tokens are pure whitespace.
 
   Args:
     tokens_BT: response token ids (right- or left-padded).
     mask_BT: valid response tokens.
-    is_boundary_V, is_fallback_V, is_blank_V: per-id tables (`build_step_tables`).
+    is_boundary_V, is_fallback_V, is_blank_V, ends_head_V, starts_tail_V: per-id tables (`build_step_tables`).
     max_steps: C, the static number of step slots.
 
   Returns:
     StepSegments with step_ids_BT, num_steps_B and step_end_BC.
 
-  Example ("\\n\\n" is one token, "." one token, [pad] masked):
-    tokens  = [a, "\\n\\n", "\\n\\n", b, ".", "\\n\\n", c, pad]
-    step_ids = [0,  0,      0,      1, 1,   1,      2, -1];  num_steps = 3;  step_end = [2, 5, 6, -1, ...]
+  Example ("\\n\\n" and "\\n" are tokens, "." one token, [pad] masked):
+    tokens  = [a, "\\n\\n", "\\n\\n", b, ".", "\\n", "\\n", c, pad]
+    step_ids = [0,  0,      0,      1, 1,   1,    1,    2, -1];  num_steps = 3;  step_end = [2, 6, 7, -1, ...]
   """
   if jnp.ndim(tokens_BT) != 2 or jnp.shape(tokens_BT) != jnp.shape(mask_BT):
     raise ValueError(f"tokens_BT {jnp.shape(tokens_BT)} and mask_BT {jnp.shape(mask_BT)} must be equal 2-D shapes")
   if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
     raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-  for name, table in (("is_boundary_V", is_boundary_V), ("is_fallback_V", is_fallback_V), ("is_blank_V", is_blank_V)):
+  tables = {"is_boundary_V": is_boundary_V, "is_fallback_V": is_fallback_V, "is_blank_V": is_blank_V,
+            "ends_head_V": ends_head_V, "starts_tail_V": starts_tail_V}
+  for name, table in tables.items():
     if table is not None and jnp.ndim(table) != 1:
       raise ValueError(f"{name} must be 1-D [V], got shape {jnp.shape(table)}")
+  if (ends_head_V is None) != (starts_tail_V is None):
+    raise ValueError("give both ends_head_V and starts_tail_V, or neither")
   mask_BT = jnp.asarray(mask_BT, bool)
-  is_boundary_V = jnp.asarray(is_boundary_V, bool)
-  segment = jax.vmap(_segment_row, in_axes=(0, 0, None, None))
+  lookup = lambda table_V: jnp.take(jnp.asarray(table_V, bool), tokens_BT, mode="fill", fill_value=False) & mask_BT
+  segment = jax.vmap(_segment_row)
 
-  blank_V = is_boundary_V if is_fallback_V is None else is_boundary_V | jnp.asarray(is_fallback_V, bool)
+  boundary_BT = lookup(is_boundary_V)
+  fallback_BT = None if is_fallback_V is None else lookup(is_fallback_V)
   if is_blank_V is not None:
-    blank_V = jnp.asarray(is_blank_V, bool)
-  step_BT, num_B = segment(tokens_BT, mask_BT, is_boundary_V, blank_V)
-  if is_fallback_V is not None:
-    step_fb_BT, num_fb_B = segment(tokens_BT, mask_BT, jnp.asarray(is_fallback_V, bool), blank_V)
+    blank_BT = lookup(is_blank_V)
+  else:  # the delimiter tokens
+    blank_BT = boundary_BT if fallback_BT is None else boundary_BT | fallback_BT
+  content_BT = mask_BT & ~blank_BT
+  if ends_head_V is not None:
+    t_T = jnp.arange(mask_BT.shape[1])
+    # Index of the previous valid token (-1 if none).
+    prev_BT = jnp.pad(jax.lax.cummax(jnp.where(mask_BT, t_T, -1), axis=1)[:, :-1], ((0, 0), (1, 0)),
+                      constant_values=-1)
+    prev_head_BT = jnp.take_along_axis(lookup(ends_head_V), jnp.maximum(prev_BT, 0), axis=1) & (prev_BT >= 0)
+    boundary_BT = boundary_BT | (lookup(starts_tail_V) & prev_head_BT)
+  step_BT, num_B = segment(boundary_BT, content_BT, mask_BT)
+  if fallback_BT is not None:
+    step_fb_BT, num_fb_B = segment(fallback_BT, content_BT, mask_BT)
     use_fb_B = num_B == 1
     step_BT = jnp.where(use_fb_B[:, None], step_fb_BT, step_BT)
     num_B = jnp.where(use_fb_B, num_fb_B, num_B)

@@ -17,7 +17,7 @@ _jit_segment = jax.jit(steps.segment_steps, static_argnames=("max_steps",))
 _jit_layout = jax.jit(steps.tree_layout)
 
 
-def _segment(rows, max_steps=6, fallback=True, blank=True):
+def _segment(rows, max_steps=6, fallback=True, blank=True, split=True):
   """Right-pad python token lists with PAD to one fixed shape (one compile for most tests), segment, trim."""
   width = max(len(r) for r in rows)
   tokens = np.full((40, 24), PAD, np.int32)
@@ -27,14 +27,17 @@ def _segment(rows, max_steps=6, fallback=True, blank=True):
     mask[i, :len(r)] = True
   seg = _jit_segment(jnp.asarray(tokens), jnp.asarray(mask), is_boundary_V=TABLES.is_boundary_V,
                      is_fallback_V=TABLES.is_fallback_V if fallback else None,
-                     is_blank_V=TABLES.is_blank_V if blank else None, max_steps=max_steps)
+                     is_blank_V=TABLES.is_blank_V if blank else None,
+                     ends_head_V=TABLES.ends_head_V if split else None,
+                     starts_tail_V=TABLES.starts_tail_V if split else None, max_steps=max_steps)
   n = len(rows)
   return np.asarray(seg.step_ids_BT)[:n, :width], np.asarray(seg.num_steps_B)[:n], np.asarray(seg.step_end_BC)[:n]
 
 
 def _naive_ids(tokens, delimiter):
-  """A sequential state machine: a content token after a pending delimiter opens a step if content came before."""
-  ids, step, seen_content, pending = [], 0, False, False
+  """A sequential state machine: a content token after a pending delimiter opens a step if content came before. A
+  delimiter is pending once it ends inside a token of the text read so far."""
+  ids, step, seen_content, pending, before = [], 0, False, False, ""
   for tok in tokens:
     text = TEXTS[tok]
     content = bool(text.strip())
@@ -42,8 +45,11 @@ def _naive_ids(tokens, delimiter):
       step += 1
     if content:
       seen_content, pending = True, False
-    if delimiter in text:
+    window = before[len(before) - len(delimiter) + 1:] + text  # the delimiter's length - 1 chars before, then text
+    last = window.rfind(delimiter)
+    if last >= 0 and last + len(delimiter) > len(window) - len(text):
       pending = True
+    before += text
     ids.append(step)
   return ids
 
@@ -63,8 +69,14 @@ def test_build_step_tables_by_hand():
   np.testing.assert_array_equal(np.flatnonzero(TABLES.is_boundary_V), [NN, DOT_NN, NNN])
   np.testing.assert_array_equal(np.flatnonzero(TABLES.is_fallback_V), [NN, N, DOT_NN, NNN, DOT_N])
   np.testing.assert_array_equal(np.flatnonzero(TABLES.is_blank_V), [NN, N, SP, NNN])
-  with pytest.raises(ValueError, match="delimiter"):
-    steps.build_step_tables(lambda i: "", 3, delimiter="")
+  # A "\n\n" split over two tokens: the first ends with "\n" and the second starts with "\n".
+  np.testing.assert_array_equal(np.flatnonzero(TABLES.ends_head_V), [NN, N, DOT_NN, NNN, DOT_N])
+  np.testing.assert_array_equal(np.flatnonzero(TABLES.starts_tail_V), [NN, N, NNN])
+  one_char = steps.build_step_tables(lambda i: TEXTS[i], len(TEXTS), delimiter="\n")
+  assert not one_char.ends_head_V.any() and not one_char.starts_tail_V.any()  # "\n" cannot be split
+  for delimiter, fallback in (("", "\n"), ("\n\n\n", "\n"), ("\n\n", "\n\n")):
+    with pytest.raises(ValueError, match="delimiter"):
+      steps.build_step_tables(lambda i: "", 3, delimiter=delimiter, fallback_delimiter=fallback)
 
 
 def test_blank_ids_keep_eos_in_the_last_step():
@@ -123,6 +135,37 @@ def test_single_newline_fallback():
   # Two "\n\n" steps: no fallback even though "\n" would give more steps.
   ids, num, _ = _segment([[A, N, B, NN, C, N, A]])
   np.testing.assert_array_equal(ids[0], [0, 0, 0, 0, 1, 1, 1])
+
+
+def test_double_newline_split_over_two_tokens():
+  # A sampled tokenization may split "\n\n" as ".\n" + "\n" (both are Qwen2.5 tokens): "a\n\nb.\n" + "\nc" has
+  # three steps, "a.\n" + "\nb\nc" two (no fallback to "\n"), "a\n" + "\nb" two.
+  rows = [[A, NN, B, DOT_N, N, C], [A, DOT_N, N, B, N, C], [A, N, N, B]]
+  ids, num, ends = _segment(rows)
+  np.testing.assert_array_equal(ids[0], [0, 0, 1, 1, 1, 2])
+  np.testing.assert_array_equal(ids[1], [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(ids[2], [0, 0, 0, 1, -1, -1])
+  np.testing.assert_array_equal(num, [3, 2, 2])
+  np.testing.assert_array_equal(ends[:, :3], [[1, 4, 5], [2, 5, -1], [2, 3, -1]])
+  # Without the split tables the first row misses its second boundary and the second falls back to three "\n" steps.
+  ids, num, _ = _segment(rows[:2], split=False)
+  np.testing.assert_array_equal(ids[:, :6], [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 2]])
+  # The halves pair across a masked token (the previous VALID token counts), never with a masked one.
+  tokens = jnp.array([[A, NN, B, DOT_N, X, N, C], [A, NN, B, X, DOT_N, N, C]])
+  mask = jnp.array([[1, 1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 0, 1, 1]], bool)
+  seg = _jit_segment(tokens, mask, **vars(TABLES), max_steps=4)
+  np.testing.assert_array_equal(seg.step_ids_BT, [[0, 0, 1, 1, -1, 1, 2], [0, 0, 1, 1, -1, 1, 1]])
+
+
+def test_split_boundary_token_holding_content_ends_its_step():
+  # "a.\n" + "\nb" + "c": "\nb" completes the "\n\n", so it is a boundary token and ends step 0 (as ".\n\nb" would).
+  texts = ["a", ".\n", "\nb", "c"]
+  tables = steps.build_step_tables(lambda i: texts[i], len(texts))
+  seg = _jit_segment(jnp.array([[0, 1, 2, 3]]), jnp.ones((1, 4), bool), **vars(tables), max_steps=3)
+  np.testing.assert_array_equal(seg.step_ids_BT[0], [0, 0, 0, 1])
+  with pytest.raises(ValueError, match="both"):
+    steps.segment_steps(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), is_boundary_V=tables.is_boundary_V,
+                        ends_head_V=tables.ends_head_V, max_steps=2)
 
 
 def test_no_delimiter_padding_and_empty_rows():
