@@ -114,12 +114,13 @@ def source(data: DataCfg, split: str):
   path = data.path if split == "train" else (data.eval_path or data.path)
   if path is None:
     raise ValueError(f"data.source={data.source!r} needs data.path")
+  outside = data.allow_images_outside
   if data.source == "geo3k":
-    return readers.HFParquetSource(path)
+    return readers.HFParquetSource(path, allow_outside=outside)
   if data.source == "verl":
-    return readers.VerlParquetSource(path)
+    return readers.VerlParquetSource(path, allow_outside=outside)
   if data.source == "jsonl":
-    return readers.JsonlSource(path, image_dir=data.image_dir)
+    return readers.JsonlSource(path, image_dir=data.image_dir, allow_outside=outside)
   raise ValueError(f"data.source={data.source!r}: choose synthetic, geo3k, verl or jsonl")
 
 

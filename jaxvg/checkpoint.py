@@ -36,6 +36,7 @@ import signal
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -45,9 +46,18 @@ log = logging.getLogger("jaxvg")
 # ---------------------------------------------------------------------------------------------- parameters alone
 
 
+def check_finite(params, what: str):
+  """Raises ValueError naming the first parameters with a NaN or an infinity: such weights are never saved."""
+  flags = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
+  bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
+  if bad:
+    raise ValueError(f"refusing to save {what}: non-finite values in {len(bad)} parameter arrays, e.g. {bad[:3]}")
+
+
 def save_params(path: str, graphdef, params):
-  """Writes the parameter pytree to `path` (a directory), replacing an older copy."""
+  """Writes the parameter pytree to `path` (a directory), replacing an older copy; non-finite parameters raise."""
   del graphdef
+  check_finite(params, f"parameters to {path}")
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=True)
@@ -142,6 +152,7 @@ class Checkpointer:
     params, rest = _split_state(state)
     if not force and not self._manager.should_save(int(step)):
       return False  # before gathering the data states: that is a collective over processes
+    check_finite(params, f"step {step}")
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         train=ocp.args.StandardSave(rest),

@@ -334,27 +334,30 @@ def distill_loss_fn(params, graphdef, teacher_w_DV, batch: DistillBatch, *, d: D
 
 
 def distill_step(state: update.TrainState, teacher: Teacher, micro: tuple[DistillBatch, ...], *, tx,
-                 d: DistillCfg, group_size: int, loss_cfg: losses.PolicyLossConfig | None = None):
+                 d: DistillCfg, group_size: int, loss_cfg: losses.PolicyLossConfig | None = None,
+                 max_update_ratio: float | None = None):
   """One optimizer update from the summed gradients of the micro-batches (distillation metrics summed, RL averaged)."""
   teacher_w_DV = jax.lax.stop_gradient(teacher.model().decoder.head_weight_DV())
   grad_fn = jax.value_and_grad(distill_loss_fn, has_aux=True)
-  grads, shares, rl = None, [], []
+  grads, loss, shares, rl = None, 0.0, [], []
   for batch in micro:
-    (_, (m, rl_m)), g = grad_fn(state.params, state.graphdef, teacher_w_DV, batch, d=d, group_size=group_size,
-                                loss_cfg=loss_cfg)
+    (share, (m, rl_m)), g = grad_fn(state.params, state.graphdef, teacher_w_DV, batch, d=d, group_size=group_size,
+                                    loss_cfg=loss_cfg)
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    loss = loss + share
     shares.append(m)
     rl.append(rl_m)
   keys = dict.fromkeys(k for m in shares for k in m)  # a micro-batch without PALR shifts adds nothing to its sums
   metrics = {k: sum(m[k] for m in shares if k in m) for k in keys}
   metrics.update({k: jnp.mean(jnp.stack([m[k] for m in rl])) for k in rl[0]})
-  return update.apply_update(state, tx, grads, [metrics])
+  return update.apply_update(state, tx, grads, [metrics], loss=loss, max_update_ratio=max_update_ratio)
 
 
 def make_step(cfg: Config, *, tx, group_size: int, loss_cfg: losses.PolicyLossConfig | None, out_shardings=None):
   """The jitted distillation step for `cfg.distill` (the state is donated; the teacher is not)."""
   fn = functools.partial(distill_step, tx=tx, d=cfg.distill, group_size=group_size,
-                         loss_cfg=loss_cfg if cfg.distill.rl_alpha > 0 else None)
+                         loss_cfg=loss_cfg if cfg.distill.rl_alpha > 0 else None,
+                         max_update_ratio=cfg.optim.max_update_ratio)
   if out_shardings is None:
     return jax.jit(fn, donate_argnums=(0,))
   return jax.jit(fn, donate_argnums=(0,), out_shardings=out_shardings)

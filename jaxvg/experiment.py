@@ -28,6 +28,9 @@ class DataCfg:
   source: str = "synthetic"        # synthetic | geo3k | verl | jsonl
   path: str | None = None          # a parquet / jsonl file (not for synthetic)
   image_dir: str | None = None     # jsonl image folder
+  # Image paths in the data must resolve inside their folder (image_dir; a parquet file's own folder): a path that
+  # leaves it (.., absolute, a symlink) is a named skip unless this is set.
+  allow_images_outside: bool = False
   eval_path: str | None = None
   tokenizer: str | None = None     # None: the checkpoint's, or the shipped one with a random model
   prompt_format: str = "pgpo"      # pgpo | vgs | vigos
@@ -183,6 +186,7 @@ class TrainCfg:
   samples_logged: int = 4           # rollouts written to samples.jsonl per step
   save_every: int = 1               # checkpoint interval in RL steps (params, optimizer, RNG, data position)
   keep_checkpoints: int = 2
+  max_skipped_updates: int = 3      # consecutive updates the guard may skip (non-finite, runaway) before the run stops
   resume: bool = True               # continue from the newest readable checkpoint in out_dir/checkpoints
 
 

@@ -37,8 +37,10 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict, *, histograms: dict | None = None):
     if not self.enabled:
       return
-    scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None and math.isfinite(s)}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+    scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+    # A non-finite value is written as null (JSON has no NaN), never dropped: a diverging loss must show.
+    finite = {k: s if math.isfinite(s) else None for k, s in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **finite}) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2

@@ -25,6 +25,9 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 1e-2
   clip_norm: float | None = 1.0
+  # Skip an update whose global norm exceeds this multiple of the parameters' global norm (None: no bound): a step
+  # that would move the weights by more than their own size is a runaway (a wild learning rate, a loss spike).
+  max_update_ratio: float | None = 1.0
   freeze_vision: bool = False
   merger_lr_mult: float = 1.0
   rules: tuple[tuple[str, float], ...] = ()  # extra (regex, multiplier) rules, matched before the defaults
@@ -82,16 +85,35 @@ def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
   return tx
 
 
-def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params):
-  """Applies one update unless a gradient is non-finite; then parameters and state stay as they were.
+# Why `guarded_update` skipped an update (0: applied).
+SKIP_REASONS = {1: "non-finite loss or gradient", 2: "non-finite parameters after the update",
+                3: "update norm above optim.max_update_ratio x the parameter norm"}
 
-  Returns (params, opt_state, skipped) with `skipped` a bool scalar the caller counts.
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, *, loss=None,
+                   max_update_ratio: float | None = None):
+  """Applies one update unless it is non-finite or a runaway; then parameters and state stay as they were.
+
+  Checks, in order: the loss and every gradient are finite; every updated parameter is finite; and, with
+  `max_update_ratio`, |update| <= max_update_ratio * |params| (global norms).
+
+  Returns (params, opt_state, reason) with `reason` an int32 scalar: 0 when applied, else a key of SKIP_REASONS.
   """
-  finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  finite = _all_finite(grads) if loss is None else _all_finite(grads) & jnp.all(jnp.isfinite(loss))
   updates, new_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  return keep(new_params, params), keep(new_state, opt_state), ~finite
+  reason = jnp.where(finite, 0, 1)
+  reason = jnp.where((reason == 0) & ~_all_finite(new_params), 2, reason)
+  if max_update_ratio is not None:
+    too_big = optax.tree.norm(updates) > max_update_ratio * optax.tree.norm(params)
+    reason = jnp.where((reason == 0) & too_big, 3, reason)
+  ok = reason == 0
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return keep(new_params, params), keep(new_state, opt_state), reason.astype(jnp.int32)
 
 
 def trainable_params(model) -> nnx.State:

@@ -477,7 +477,7 @@ def read_run(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
       raise ValueError(f"{path}: line {n + 1} is not JSON: {line[:80]!r}") from None
     for key, value in row.items():
       if key != "step":
-        table.setdefault(key, {})[int(row["step"])] = float(value)
+        table.setdefault(key, {})[int(row["step"])] = float("nan") if value is None else float(value)
   return _columns(table)
 
 

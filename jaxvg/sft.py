@@ -194,7 +194,8 @@ def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = Non
     graphdef, params = nnx.split(model, nnx.Param)
   tx = optim.make_optimizer(cfg.sft_optim, params)
   state = update.init_state(model, tx)
-  step_fn = jax.jit(lambda s, b: update.sft_step(s, b, tx=tx), donate_argnums=(0,))
+  step_fn = jax.jit(lambda s, b: update.sft_step(s, b, tx=tx, max_update_ratio=cfg.sft_optim.max_update_ratio),
+                    donate_argnums=(0,))
   progress = metrics.Progress(cfg.sft.steps, desc=f"warm start ({name})")
   batches = reference_batches(cfg, tokenizer, model.cfg)
   for step in range(cfg.sft.steps):

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxvg import advantages as adv_lib
 from jaxvg import builders, checkpoint, config_lib, credit, distill, dynamic_sampling, evaluate, experiment, losses
-from jaxvg import hosts, metrics, optim, rollout, sft, sharding, update
+from jaxvg import hosts, metrics, optim, rollout, sft, sharding, update, validation
 from jaxvg import rewards as rewards_lib
 
 log = logging.getLogger("jaxvg")
@@ -52,16 +52,34 @@ def sample_rollouts(tokenizer, drawn, prepared, dep_map, group_size: int, count:
   return samples
 
 
+class TrainingDiverged(RuntimeError):
+  """The optimizer guard skipped `train.max_skipped_updates` updates in a row."""
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
+  try:
+    cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
+    validation.validate(cfg)
+  except (ValueError, KeyError, FileNotFoundError) as e:  # a mistake in the config or an override: one line, early
+    print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
+    sys.exit(2)
   metrics.setup_logging(sys.stdout)
   sharding.initialize_distributed()
-  return run(cfg)
+  try:
+    return run(cfg)
+  except TrainingDiverged as e:
+    log.error("%s", e)
+    sys.exit(3)
 
 
 def run(cfg: experiment.Config, *, probe=None) -> dict:
-  """Trains per `cfg`; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first."""
+  """Trains per `cfg`; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first.
+
+  Raises validation.ConfigError before any work for a config that cannot run, and TrainingDiverged when the
+  optimizer guard skips `train.max_skipped_updates` updates in a row (no checkpoint of non-finite weights exists).
+  """
+  validation.validate(cfg)
   out_dir = cfg.train.out_dir
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -111,7 +129,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
                            **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
 
   # ================================================================================= Jitted stages
-  policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg),
+  policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg,
+                                                       max_update_ratio=cfg.optim.max_update_ratio),
                         donate_argnums=(0,), out_shardings=(state_shardings, replicated))
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
   # The k3 KL term's reference and the default teacher are the policy at the start of RL: one frozen copy (the live
@@ -159,6 +178,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
 
   # ================================================================================= RL loop
   guard = credit.DependencyGuard()
+  skipped_in_a_row = 0
   desc = cfg.algo.name if not distilling else cfg.distill.method if not uses_rl else f"{cfg.algo.name}+{cfg.distill.method}"
   progress = metrics.Progress(cfg.train.steps, desc=desc, enabled=lead)
   for step in range(start, cfg.train.steps):
@@ -268,6 +288,12 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     else:
       log.warning("step %d: no informative group was sampled; no update", step)
     times["update"] = time.time() - ts
+    for m in step_metrics:  # the optimizer guard's verdicts: each skipped update is named, a run of them stops
+      reason = int(m["update_skip_reason"])
+      skipped_in_a_row = skipped_in_a_row + 1 if reason else 0
+      if reason:
+        log.warning("step %d: update skipped (%s); %d in a row, the run stops at %d", step,
+                    optim.SKIP_REASONS[reason], skipped_in_a_row, cfg.train.max_skipped_updates)
 
     # ---- metrics
     keys = dict.fromkeys(k for m in step_metrics for k in m)  # PALR parts are missing from skipped updates
@@ -299,6 +325,13 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
     if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
       writer.write(step, {"eval/accuracy": evaluate_now(state)})
+
+    if skipped_in_a_row >= cfg.train.max_skipped_updates:
+      ckpt.close()
+      raise TrainingDiverged(
+          f"step {step}: {skipped_in_a_row} updates in a row were skipped ({optim.SKIP_REASONS[reason]}); the run "
+          f"stops (train.max_skipped_updates={cfg.train.max_skipped_updates}). The last good checkpoint is step "
+          f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data")
 
     # ---- checkpoint (asynchronous); on SIGTERM (preemption, maintenance) save now and leave
     preempted = checkpoint.should_stop(stop)

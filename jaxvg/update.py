@@ -72,26 +72,32 @@ def policy_loss_fn(params, graphdef, batch: PolicyBatch, group_size: int, loss_c
   return loss * batch.weight, metrics
 
 
-def apply_update(state: TrainState, tx, grads, metrics_list):
-  params, opt_state, skipped = optim.guarded_update(tx, grads, state.opt_state, state.params)
+def apply_update(state: TrainState, tx, grads, metrics_list, *, loss=None, max_update_ratio: float | None = None):
+  """The guarded optax update (`optim.guarded_update`) and the step's metrics: the micro-batch metrics averaged,
+  grad_norm, update_norm, update_skipped (0 / 1) and update_skip_reason (a key of optim.SKIP_REASONS, 0 if applied)."""
+  params, opt_state, reason = optim.guarded_update(tx, grads, state.opt_state, state.params, loss=loss,
+                                                   max_update_ratio=max_update_ratio)
+  skipped = reason > 0
   metrics = {k: jnp.mean(jnp.stack([m[k] for m in metrics_list])) for k in metrics_list[0]}
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["update_skipped"] = skipped.astype(jnp.float32)
+  metrics["update_skip_reason"] = reason.astype(jnp.float32)
   new = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                       skipped=state.skipped + skipped.astype(jnp.int32))
   return new, metrics
 
 
 def policy_step(state: TrainState, micro: tuple[PolicyBatch, ...], *, tx, group_size: int,
-                loss_cfg: losses.PolicyLossConfig):
-  """One optimizer update from the summed gradients of the micro-batches."""
-  grads, metrics_list = None, []
+                loss_cfg: losses.PolicyLossConfig, max_update_ratio: float | None = None):
+  """One optimizer update from the summed gradients (and losses) of the micro-batches."""
+  grads, loss, metrics_list = None, 0.0, []
   for batch in micro:
-    (_, metrics), g = jax.value_and_grad(policy_loss_fn, has_aux=True)(state.params, state.graphdef, batch,
-                                                                        group_size, loss_cfg)
+    (share, metrics), g = jax.value_and_grad(policy_loss_fn, has_aux=True)(state.params, state.graphdef, batch,
+                                                                            group_size, loss_cfg)
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    loss = loss + share
     metrics_list.append(metrics)
-  return apply_update(state, tx, grads, metrics_list)
+  return apply_update(state, tx, grads, metrics_list, loss=loss, max_update_ratio=max_update_ratio)
 
 
 def score_fn(params, graphdef, prompt: scoring.PromptInputs, tokens_NT, mask_NT, group_size: int):
@@ -126,6 +132,6 @@ def sft_loss_fn(params, graphdef, batch: SFTBatch):
   return loss, {"sft_loss": loss, "sft_nll": -jnp.sum(logp_NT * mask_NT) / count, "sft_tokens": count}
 
 
-def sft_step(state: TrainState, batch: SFTBatch, *, tx):
-  (_, metrics), grads = jax.value_and_grad(sft_loss_fn, has_aux=True)(state.params, state.graphdef, batch)
-  return apply_update(state, tx, grads, [metrics])
+def sft_step(state: TrainState, batch: SFTBatch, *, tx, max_update_ratio: float | None = None):
+  (loss, metrics), grads = jax.value_and_grad(sft_loss_fn, has_aux=True)(state.params, state.graphdef, batch)
+  return apply_update(state, tx, grads, [metrics], loss=loss, max_update_ratio=max_update_ratio)

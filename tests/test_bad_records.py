@@ -148,7 +148,7 @@ def test_check_record_reasons_directly():
       "missing_problem": {"answer": "1"},
       "missing_answer": {"problem": "x", "answer": "   "},
       "malformed_record": {"problem": 3, "answer": "1"},
-      "placeholder_mismatch": {"problem": "<image>", "answer": "1", "images": []},
+      "placeholder_mismatch": {"problem": "<image>x", "answer": "1", "images": []},
       "special_token_in_text": {"problem": "x", "answer": "1", "system": "<|vision_start|>"},
   }
   for reason, record in cases.items():

@@ -178,6 +178,21 @@ def test_save_params_round_trip(tmp_path):
     checkpoint.restore_params(str(tmp_path / "missing"), state.params)
 
 
+def test_non_finite_parameters_are_never_saved(tmp_path):
+  state = make_state(4)
+  leaves, treedef = jax.tree.flatten(state.params)
+  leaves[1] = leaves[1].at[(0,) * leaves[1].ndim].set(jnp.inf)
+  bad = jax.tree.unflatten(treedef, leaves)
+  with pytest.raises(ValueError, match="refusing to save parameters .* non-finite values in 1 parameter arrays"):
+    checkpoint.save_params(str(tmp_path / "p"), state.graphdef, bad)
+  assert not (tmp_path / "p").exists()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  with pytest.raises(ValueError, match="refusing to save step 3"):
+    ckpt.save(3, state.replace(params=bad), rng=jax.random.key(0))
+  ckpt.close()
+  assert checkpoint.Checkpointer(str(tmp_path / "ckpt")).latest_step() is None
+
+
 def test_signal_handler_sets_the_flag_and_uninstalls():
   seen = []
   before = signal.getsignal(signal.SIGUSR1)

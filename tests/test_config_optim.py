@@ -71,16 +71,41 @@ def test_non_finite_gradient_skips_the_update():
   bad = jax.tree.map(jnp.ones_like, params)
   leaves, treedef = jax.tree.flatten(bad)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
-  new_params, new_state, skipped = optim.guarded_update(tx, jax.tree.unflatten(treedef, leaves), state, params)
-  assert bool(skipped)
+  new_params, new_state, reason = optim.guarded_update(tx, jax.tree.unflatten(treedef, leaves), state, params)
+  assert int(reason) == 1
   for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
   good = jax.tree.map(jnp.ones_like, params)
-  moved, _, skipped = optim.guarded_update(tx, good, state, params)
-  assert not bool(skipped)
+  moved, _, reason = optim.guarded_update(tx, good, state, params)
+  assert int(reason) == 0
   assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(params)))
+  _, _, reason = optim.guarded_update(tx, good, state, params, loss=jnp.float32(jnp.inf))
+  assert int(reason) == 1  # a non-finite loss with finite gradients is skipped too
+
+
+def _norm(tree):
+  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+
+
+def test_runaway_and_overflowing_updates_are_skipped():
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  # Adam's first step moves every coordinate by lr (sign of the gradient): |update| = lr * sqrt(n) exactly.
+  n = sum(x.size for x in jax.tree.leaves(params))
+  p_norm = _norm(params)
+  for lr, bound, want in ((1e-3, 1.0, 0), (2 * p_norm / np.sqrt(n), 1.0, 3), (2 * p_norm / np.sqrt(n), 3.0, 0)):
+    tx = optim.make_optimizer(optim.OptimConfig(lr=lr, weight_decay=0.0, clip_norm=None), params)
+    new, _, reason = optim.guarded_update(tx, grads, tx.init(params), params, max_update_ratio=bound)
+    assert int(reason) == want, (lr, bound)
+    moved = _norm(jax.tree.map(jnp.subtract, new, params))
+    np.testing.assert_allclose(moved, 0.0 if want else lr * np.sqrt(n), rtol=1e-4)
+  # Finite gradients whose update overflows float32 (lr = 1e38, parameters of size ~1e38 + 1e38 = inf).
+  tx = optim.make_optimizer(optim.OptimConfig(lr=3e38, weight_decay=0.0, clip_norm=None), params)
+  big = jax.tree.map(lambda x: jnp.full_like(x, -3e38), params)
+  _, _, reason = optim.guarded_update(tx, grads, tx.init(big), big)
+  assert int(reason) == 2
 
 
 def test_unknown_schedule_is_an_error():
@@ -93,8 +118,9 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")))
 def test_every_shipped_config_loads_and_names_valid_choices(name):
-  from jaxvg import credit, distill, losses, prompts
+  from jaxvg import credit, distill, losses, prompts, validation
   cfg = config_lib.load_config(os.path.join(CONFIGS, name))
+  validation.validate(cfg)
   distill.validate(cfg)
   assert isinstance(cfg, experiment.Config)
   prompts.get_format(cfg.data.prompt_format)
@@ -152,3 +178,36 @@ def test_real_scale_recipes_fit_8_h100(name):
     frozen += memory_plan.param_elements_per_device(QWEN25VL_7B, mesh) * c[cfg.model.param_dtype]
   total_gib = (plan.total + frozen) / 2**30
   assert total_gib < 80, f"{name}: {total_gib:.1f} GiB per device"
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.save_every=0", "train.save_every=0: must be an integer >= 1"),
+    ("train.steps=-1", "train.steps=-1: must be an integer >= 0"),
+    ("train.max_skipped_updates=0", "train.max_skipped_updates=0"),
+    ("rollout.group_size=1", "rollout.group_size=1 with the 'grpo' advantage"),
+    ("rollout.top_p=0", "rollout.top_p=0.0: must lie in (0.0, 1.0]"),
+    ("algo.name=gpro", "algo.name='gpro': choose one of ('grpo', 'dapo', 'gspo', 'drgrpo')"),
+    ("algo.ds_low=0.995", "algo.ds_low=0.995, algo.ds_high=0.99"),
+    ("credit.method=pgpoo", "credit.method='pgpoo'"),
+    ("data.source=jsonl", "data.path is empty"),
+    ("data.tasks=count,colour", "data.tasks=('count', 'colour')"),
+    ("data.length_buckets=128,64", "data.length_buckets=(128, 64): must be increasing"),
+    ("optim.schedule=step", "optim.schedule='step'"),
+    ("optim.max_update_ratio=0", "optim.max_update_ratio=0.0"),
+    ("sft_optim.lr=-1", "sft_optim.lr=-1.0"),
+    ("model.dtype=fp8", "model.dtype='fp8'"),
+])
+def test_the_config_is_validated_before_any_work_with_the_field_named(assignment, message):
+  from jaxvg import validation
+  cfg = config_lib.apply_overrides(config_lib.load_config(os.path.join(CONFIGS, "demo.py")), [assignment])
+  with pytest.raises(validation.ConfigError) as e:
+    validation.validate(cfg)
+  assert message in str(e.value)
+
+
+def test_group_of_one_is_allowed_where_no_group_baseline_is_used():
+  from jaxvg import validation
+  demo = config_lib.load_config(os.path.join(CONFIGS, "demo.py"))
+  validation.validate(config_lib.apply_overrides(demo, ["rollout.group_size=1", "algo.advantage=batch"]))
+  opd = config_lib.load_config(os.path.join(CONFIGS, "opd_demo.py"))
+  validation.validate(config_lib.apply_overrides(opd, ["rollout.group_size=1"]))  # pure distillation: no advantage

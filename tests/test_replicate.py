@@ -203,6 +203,16 @@ def test_read_run_last_value_wins_and_a_cut_line_is_skipped(tmp_path):
     replicate.read_run(str(tmp_path))
 
 
+def test_non_finite_metrics_are_written_as_null_and_read_back_as_nan(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+  w.write(0, {"loss": float("nan"), "grad_norm": float("inf"), "reward/overall": 0.5})
+  w.close()
+  (row,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert row["loss"] is None and row["grad_norm"] is None and row["reward/overall"] == 0.5
+  table = replicate.read_run(str(tmp_path))
+  assert np.isnan(table["loss"][1][0]) and table["reward/overall"][1].tolist() == [0.5]
+
+
 def test_read_tfevents_reads_what_the_writer_wrote(tmp_path):
   w = metrics.MetricsWriter(str(tmp_path))
   w.write(0, {"reward/overall": 0.25, "time/step": 3.0}, histograms={"dependency/hist": np.arange(5.0)})

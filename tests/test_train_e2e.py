@@ -49,10 +49,44 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
   assert os.path.isdir(out / "final") and os.path.isdir(out / "sft" / "params")
 
 
-def test_unknown_override_is_an_error_naming_the_key(tmp_path):
-  with pytest.raises(KeyError, match="unknown key 'group_sz'"):
+@pytest.mark.parametrize("assignment, message", [
+    ("rollout.group_sz=2", "unknown key 'group_sz'"),
+    ("train.save_every=0", "train.save_every=0: must be an integer >= 1"),
+    ("algo.name=gpro", "algo.name='gpro': choose one of"),
+])
+def test_config_mistakes_are_one_line_before_any_work(tmp_path, capsys, assignment, message):
+  out = tmp_path / "run"
+  with pytest.raises(SystemExit) as e:
     train.main(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
-                "--set", "rollout.group_sz=2"])
+                "--set", f"train.out_dir={out}", "--set", assignment])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("config error: ") and message in err[0]
+  assert not out.exists()  # nothing was written
+
+
+def test_runaway_updates_stop_the_run_without_saving_them(tmp_path, capsys):
+  # lr = 1e30: every update would move the weights by far more than their own norm (a random tiny policy earns no
+  # reward, so weight decay makes the update), so the guard skips each one; after train.max_skipped_updates = 2 in
+  # a row the run stops with exit code 3 and never writes `final`.
+  out = tmp_path / "run"
+  with pytest.raises(SystemExit) as e:
+    train.main(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
+                "--set", f"train.out_dir={out}", "--set", "optim.lr=1e30", "--set", "optim.weight_decay=0.01",
+                "--set", "train.max_skipped_updates=2",
+                "--set", "train.steps=4", "--set", "sft.steps=0", "--set", "sft.perception_steps=0",
+                "--set", "train.eval_white_image=false", "--set", "data.num_eval=2",
+                "--set", "data.prompts_per_batch=2", "--set", "rollout.group_size=2",
+                "--set", "rollout.max_new_tokens=8", "--set", "algo.dynamic_sampling=false",
+                "--set", "model.tiny_width=32", "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32"])
+  assert e.value.code == 3
+  rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  rl = [r for r in rows if r["step"] >= 0 and "update_skipped" in r]
+  assert [(r["step"], r["update_skipped"], r["update_skip_reason"]) for r in rl] == [(0, 1.0, 3.0), (1, 1.0, 3.0)]
+  logged = capsys.readouterr().out  # the run's log goes to stdout
+  assert "step 0: update skipped (update norm above optim.max_update_ratio" in logged
+  assert "2 updates in a row were skipped" in logged
+  assert not (out / "final").exists()
 
 
 TINY = ["--set", "train.steps=2", "--set", "sft.steps=2",

@@ -19,10 +19,15 @@ Counterfactual prompts (methods.md section 8), each with its own ids and positio
                format, no prefill), the context of ViGOS's perception teacher.
 
 A record that cannot be used raises `RecordError` with a named reason; the pipeline counts and skips it.
+
+Images are decoded with PIL. 16-bit and float images, which PIL's RGB conversion would clip, become 8-bit RGB by
+their value range (`to_8bit`); a mode that cannot be made RGB is rejected as "unsupported_image".
 """
 
 import dataclasses
 import io
+import math
+import numbers
 import os
 
 import numpy as np
@@ -40,6 +45,8 @@ IMAGE_PAD = "<|image_pad|>"
 RESERVED_TEXT = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 MAX_ASPECT_RATIO = 200  # smart_resize rejects max(h, w) / min(h, w) > 200
 MIN_IMAGE_SIDE = 4  # smaller images are degenerate data (the processor would blow a 1x1 image up to 56x56)
+# 8-bit modes that PIL turns into RGB correctly (the image processor converts them); others go through `to_8bit`.
+EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 class RecordError(ValueError):
@@ -181,8 +188,12 @@ def check_record(record) -> tuple[str, str, list, str | None]:
   if record.get("problem") is None:
     raise RecordError("missing_problem")
   problem = _text(record["problem"], "problem")
+  if not problem.replace(IMAGE_PLACEHOLDER, "").strip():
+    raise RecordError("empty_problem", f"{problem!r} has no text besides its image placeholders")
   answer = record.get("answer")
-  if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+  if isinstance(answer, numbers.Real) and not isinstance(answer, bool):
+    if math.isnan(answer):  # a missing value of a float column, or a JSON NaN
+      raise RecordError("missing_answer", "the answer is NaN")
     answer = str(answer)
   if answer is None or (isinstance(answer, (str, bytes)) and not answer.strip()):
     raise RecordError("missing_answer")
@@ -233,7 +244,36 @@ def load_image(image) -> Image.Image:
     raise RecordError("image_too_small", f"{w}x{h} pixels")
   if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
     raise RecordError("extreme_aspect_ratio", f"{w}x{h} pixels")
-  return image
+  return image if image.mode in EIGHT_BIT_MODES else to_8bit(image)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+  """An image of a mode outside EIGHT_BIT_MODES -> 8-bit RGB, by the value range (PIL's conversion would clip):
+
+    integers (I;16*, I)  0..65535 -> 0..255 (v * 255 / 65535), the 16-bit range; values outside it: min..max.
+    floats (F)           [0, 1] -> 0..255 (v * 255); [0, 255] kept; any other range: min..max -> 0..255.
+
+  Values are rounded to the nearest integer. NaN or infinite floats, and modes PIL cannot make RGB, raise
+  "unsupported_image".
+  """
+  mode = image.mode
+  if mode.startswith("I") or mode == "F":
+    v = np.asarray(image, np.float64)
+    if not np.isfinite(v).all():
+      raise RecordError("unsupported_image", f"mode {mode} with {int((~np.isfinite(v)).sum())} NaN or infinite "
+                        "values")
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if mode.startswith("I") and lo >= 0 and hi <= 65535:
+      v = v * (255 / 65535)
+    elif mode == "F" and lo >= 0 and hi <= 1:
+      v = v * 255
+    elif not (mode == "F" and lo >= 0 and hi <= 255):
+      v = (v - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(v)
+    return Image.fromarray(np.round(v).clip(0, 255).astype(np.uint8)).convert("RGB")
+  try:
+    return image.convert("RGB")
+  except (ValueError, OSError) as e:
+    raise RecordError("unsupported_image", f"mode {mode}: {e}") from None
 
 
 # ---------------------------------------------------------------- prompt pieces
