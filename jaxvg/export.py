@@ -9,6 +9,10 @@ or a training-state directory of `checkpoint.Checkpointer` (the newest readable 
 gives the architecture: a random-init preset with the run's tokenizer, or `model.hf_path`'s config.json. The
 parameters are restored into the shapes `nnx.eval_shape` gives, nothing is initialized. The tokenizer and image
 processor files travel along, so the directory is complete.
+
+Reading it back with transformers: `Qwen2_5_VLForConditionalGeneration.from_pretrained(out)`, `AutoTokenizer` and
+`Qwen2VLImageProcessor(Pil).from_pretrained(out)` need nothing more; `AutoProcessor.from_pretrained(out)` also builds
+Qwen2.5-VL's video processor, which needs torchvision installed.
 """
 
 import argparse

@@ -1,5 +1,6 @@
 """Rewards on hand-written completions: extraction, grading, format checks, weighting, robustness, loading."""
 
+import logging
 import sys
 import textwrap
 import threading
@@ -202,3 +203,15 @@ def test_load_reward_fn_default_and_errors():
     rewards.load_reward_fn("no_such_module_xyz:f")
   with pytest.raises(ValueError, match="no function 'nope'"):
     rewards.load_reward_fn("jaxvg.rewards:nope")
+
+
+def test_symbolic_grading_does_not_warn_about_its_disabled_timeouts(monkeypatch, caplog):
+  # math-verify warns once per process that timeouts are off; grading disables them on purpose, so the notice must
+  # not reach a run's log (reset the once-per-process flags, so the warning would be emitted again).
+  import math_verify.grader
+  import math_verify.parser
+  monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False, raising=False)
+  monkeypatch.setattr(math_verify.grader, "TIMEOUT_WARNING_SHOWN", False, raising=False)
+  with caplog.at_level(logging.WARNING):
+    assert rewards.grade_answer("\\sqrt{4}", "2")
+  assert "Timeout is disabled" not in caplog.text
