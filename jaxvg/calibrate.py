@@ -34,7 +34,7 @@ def calibration_config(cfg):
       cfg, distill=d, algo=dataclasses.replace(cfg.algo, dynamic_sampling=False),
       credit=dataclasses.replace(cfg.credit, method="none"),
       train=dataclasses.replace(cfg.train, out_dir=os.path.join(cfg.train.out_dir, "calibrate"), resume=False,
-                                eval_every=0))
+                                overwrite=True, eval_every=0))
 
 
 def calibrate(cfg, steps: int) -> dict:

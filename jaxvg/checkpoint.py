@@ -21,8 +21,11 @@ data), `config` (JSON) and `meta` (step, RNG key data, JSON). With several proce
 and `restore` at the same step, as orbax requires.
 
 Orbax writes each step in a temporary directory and renames it when complete, so a save cut short never shows up as
-a step. A step that exists but does not read back (a file deleted or truncated) is moved aside to
-`<step>.unreadable`, logged, and the previous step is restored instead.
+a step. A step that exists but does not read back (a file deleted or truncated, a data iterator state the pipeline
+refuses) is moved aside to `<step>.unreadable`, logged in one line, and the previous step is restored instead.
+
+A background save that fails (a full disk) surfaces once, as a `SaveError`, from the next `check`, `save` or `close`;
+orbax's own error logs of it (a traceback per written item) are left out.
 
 Restoring onto another mesh is a restore with other shardings: the target's ShapeDtypeStructs carry them, and each
 device reads only its slices.
@@ -33,6 +36,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -125,6 +129,76 @@ def _config_to_json(config) -> dict:
   raise ValueError(f"config must be a dataclass instance, a dict or None, not {type(config).__name__}")
 
 
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (the message names the step, the folder and the cause)."""
+
+
+class _ProcessCountError(ValueError):
+  """A checkpoint of another number of processes: not a damaged step, so no fallback."""
+
+
+class _OrbaxErrorLogs(logging.Filter):
+  """Drops orbax's ERROR records that carry an exception: a failed background write logs one with its traceback per
+  item and per thread, and a failed read its own; the Checkpointer raises each failure once (`SaveError`, or the
+  restore's fallback warning)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax():
+  absl = logging.getLogger("absl")  # orbax logs through absl.logging
+  if not any(isinstance(f, _OrbaxErrorLogs) for f in absl.filters):
+    absl.addFilter(_OrbaxErrorLogs())
+
+
+class _UnretrievedReads(logging.Filter):
+  """Drops asyncio's "Task (or Future) exception was never retrieved" for tensorstore reads: the other reads of a
+  restore that already failed (and fell back) on its first error."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    e = record.exc_info[1] if record.exc_info else None
+    return not (e is not None and "exception was never retrieved" in record.getMessage().split("\n")[0]
+                and ("tensorstore" in str(e) or _closed_loop(e)))
+
+
+def _closed_loop(e) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def _quiet_failed_reads():
+  """A failed read leaves tensorstore reads in flight. Their completion callbacks aim at orbax's finished event loop
+  (each printed `RuntimeError: Event loop is closed`), and their errors are never retrieved (each logged by
+  asyncio). Both are dropped: the restore reports the failure once. Other unraisable exceptions go to the
+  previous hook."""
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _UnretrievedReads) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_UnretrievedReads())
+  previous = sys.unraisablehook
+  if getattr(previous, "jaxvg_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if not _closed_loop(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.jaxvg_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (a collective: every process calls it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
 def _split_state(state):
   """(params, the rest): a state with a `params` field (TrainState) is stored as two items."""
   if not hasattr(state, "params") or not hasattr(state, "replace"):
@@ -144,6 +218,8 @@ class Checkpointer:
                                            create=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("params", "train", "data", "config", "meta"))
+    self._saving: int | None = None  # the step of the last save started
+    _quiet_orbax()
 
   # -- writing
 
@@ -151,8 +227,10 @@ class Checkpointer:
     """Starts writing `step` in the background; returns whether a save was started (the interval may skip it)."""
     params, rest = _split_state(state)
     if not force and not self._manager.should_save(int(step)):
+      self.check()
       return False  # before gathering the data states: that is a collective over processes
     check_finite(params, f"step {step}")
+    self.check(block=True)  # orbax would wait for the previous save anyway, and raise its failure raw
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         train=ocp.args.StandardSave(rest),
@@ -160,15 +238,36 @@ class Checkpointer:
         config=ocp.args.JsonSave(_config_to_json(config)),
         meta=ocp.args.JsonSave({"step": int(step), "rng": _rng_to_json(rng)}),
     )
+    self._saving = int(step)
     return self._manager.save(int(step), args=args, force=force)
 
+  def check(self, *, block: bool = False):
+    """Raises SaveError if a background save failed; `block` waits for the one in progress, otherwise it is left to
+    run and checked at a later call. Every process calls this at the same step: a failure anywhere stops them all."""
+    error = None
+    if block or not self._manager.is_saving_in_progress():
+      try:
+        self._manager.wait_until_finished()  # at once when nothing is in progress; raises the failure once
+      except Exception as e:  # OSError (a full disk), tensorstore and orbax errors: the step was not written
+        error = e
+    if _any_process(error is not None):
+      self._manager.reload()
+      latest = self._manager.latest_step()
+      cause = _first_line(error) if error is not None else "it failed on another process"
+      raise SaveError(f"checkpoint step {self._saving} could not be written to {self.directory} ({cause}); the run "
+                      f"stops. The newest complete checkpoint is step {latest}: free the space (or fix the folder) and "
+                      f"run the same command to resume from it")
+
   def wait(self):
-    """Blocks until the background write of the last save is complete."""
-    self._manager.wait_until_finished()
+    """Blocks until the background write of the last save is complete; raises SaveError if it failed."""
+    self.check(block=True)
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save (raising SaveError if it failed), then releases orbax's threads."""
+    try:
+      self.check(block=True)
+    finally:
+      self._manager.close()
 
   # -- reading
 
@@ -180,36 +279,47 @@ class Checkpointer:
     self._manager.reload()
     return self._manager.latest_step()
 
-  def restore(self, step: int | None, abstract_state) -> Restored:
+  def restore(self, step: int | None, abstract_state, *, apply_data=None) -> Restored:
     """Reads a step into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs or arrays).
 
     `step=None` takes the newest readable step, falling back past unreadable ones (moved aside, logged); an
-    explicit unreadable step raises.
+    explicit unreadable step raises. `apply_data(data_state)` (e.g. the iterator's `set_state`) is part of reading:
+    a state it refuses (a KeyError for fields it does not know) makes the step unreadable too.
     """
     self._manager.reload()
     steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    _quiet_failed_reads()  # before reading: the callbacks of a failed read land any time after it
     for s in steps:
+      error = None
       try:
         restored, per_process = self._restore(s, abstract_state)
-      except Exception as e:  # orbax, tensorstore and JSON errors all mean: this step does not read back
-        if step is not None:
-          raise
-        log.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step", s,
-                    self.directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-        self._set_aside(s)
-        continue
-      if len(per_process) != jax.process_count():
-        raise ValueError(f"checkpoint step {s} holds the data iterator states of {len(per_process)} processes, but "
-                         f"this run has {jax.process_count()}: each process resumes its own data shard")
-      return restored._replace(data_state=per_process[jax.process_index()])
+        if len(per_process) != jax.process_count():
+          raise _ProcessCountError(f"checkpoint step {s} holds the data iterator states of {len(per_process)} "
+                                   f"processes, but this run has {jax.process_count()}: each process resumes its own "
+                                   f"data shard")
+        restored = restored._replace(data_state=per_process[jax.process_index()])
+        if apply_data is not None:
+          apply_data(restored.data_state)
+      except _ProcessCountError:
+        raise
+      except Exception as e:  # orbax, tensorstore, JSON and data-state errors all mean: this step does not read back
+        error = e
+      if not _any_process(error is not None):  # the processes fall back together
+        return restored
+      if step is not None:
+        raise error if error is not None else RuntimeError(f"checkpoint step {s} is unreadable on another process")
+      aside = self._set_aside(s)
+      log.warning("checkpoint step %d in %s is unreadable (%s); moved aside to %s, falling back to an older step", s,
+                  self.directory, _first_line(error) if error is not None else "on another process", aside)
     raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
 
   def restore_params(self, step: int | None, abstract_params):
     """Only the parameters of `step` (default: the newest readable one)."""
     self._manager.reload()
     steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+    _quiet_failed_reads()
     for s in steps:
       try:
         target = restore_target(abstract_params)
@@ -243,20 +353,21 @@ class Checkpointer:
     state = out["train"].replace(params=out["params"])
     return Restored(state, _rng_from_json(meta["rng"]), None, step), data["processes"]
 
-  def _set_aside(self, step: int):
-    """Renames an unreadable step directory to `<step>.unreadable`, so that later saves can reuse the number."""
+  def _set_aside(self, step: int) -> str:
+    """Renames an unreadable step directory to `<step>.unreadable`, so that later saves can reuse the number; returns
+    the new name (process 0 renames it)."""
     src = os.path.join(self.directory, str(step))
+    dst = f"{step}.unreadable"
     if jax.process_index() == 0 and os.path.isdir(src):
-      dst = f"{src}.unreadable"
       n = 1
-      while os.path.exists(dst):
-        dst, n = f"{src}.unreadable{n}", n + 1
-      os.rename(src, dst)
-      log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+      while os.path.exists(os.path.join(self.directory, dst)):
+        dst, n = f"{step}.unreadable{n}", n + 1
+      os.rename(src, os.path.join(self.directory, dst))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"jaxvg checkpoint: set aside step {step}")
     self._manager.reload()
+    return dst
 
 
 def _gather_json(obj) -> list:
@@ -294,17 +405,25 @@ class StopFlag:
 
 
 def install_sigterm_handler(callback=None, signums=(signal.SIGTERM,)) -> StopFlag:
-  """Catches SIGTERM (TPU VM maintenance, preemption): sets the returned flag and calls `callback(signum)`.
+  """Catches SIGTERM (TPU VM maintenance, preemption) and whatever else `signums` names (the training loop adds
+  SIGINT, Ctrl-C): sets the returned flag, logs one line and calls `callback(signum)`.
 
   Nothing is saved inside the handler, which may interrupt a device computation: the loop saves when it next looks
-  at the flag. Must be called from the main thread.
+  at the flag. After a first SIGINT the default action is back, so a second Ctrl-C ends the process at once (without
+  the save). Must be called from the main thread.
   """
   flag = StopFlag()
 
   def handler(signum, frame):
     del frame
+    first = not flag.requested
     flag.requested, flag.signum = True, signum
-    log.warning("received signal %d: the training loop will save and stop", signum)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if first:
+      again = "; press Ctrl-C again to stop at once without saving" if signum == signal.SIGINT else ""
+      log.warning("received %s: the training loop will save at the end of this step and stop%s",
+                  signal.Signals(signum).name, again)
     if callback is not None:
       callback(signum)
 
@@ -315,7 +434,4 @@ def install_sigterm_handler(callback=None, signums=(signal.SIGTERM,)) -> StopFla
 
 def should_stop(flag: StopFlag) -> bool:
   """Whether any process was asked to stop (all processes must call this at the same step to save together)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+  return _any_process(bool(flag))

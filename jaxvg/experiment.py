@@ -188,6 +188,9 @@ class TrainCfg:
   keep_checkpoints: int = 2
   max_skipped_updates: int = 3      # consecutive updates the guard may skip (non-finite, runaway) before the run stops
   resume: bool = True               # continue from the newest readable checkpoint in out_dir/checkpoints
+  # Start over in an out_dir that holds another run (another config, or logs without a checkpoint to resume from):
+  # its checkpoints, logs and final parameters are deleted; the warm start (out_dir/sft) stays, reused if it matches.
+  overwrite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

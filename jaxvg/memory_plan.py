@@ -26,23 +26,25 @@ t = tensor size dividing heads and MLP columns where it divides them, T tokens a
 
 Plans for Qwen2.5-VL (regenerate with `python -m jaxvg.memory_plan`): weights in the dtype shown, bf16 compute, remat,
 vision trained, a micro-batch of 8 sequences of 2048 tokens with one 448x448 image each (1024 patches), and a
-rollout KV cache of 64 sequences x 2048 slots in bf16. GiB per device; mesh = (data, fsdp, tensor).
+rollout KV cache of 64 sequences x 2048 slots in bf16. GiB per device ("act." activations, "KV" the rollout cache);
+mesh = (data, fsdp, tensor); "fits": whether the total fits the device's HBM.
 
-| model | machine | HBM/device | mesh | weights | params | adam | grads | activations | kv cache | total |
-|---|---|---|---|---|---|---|---|---|---|---|
-| 3B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.64 | 0.56 | 9.20 |
-| 3B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 3.50 | 7.00 | 3.50 | 3.28 | 1.12 | 18.40 |
-| 3B | 8x H100 | 80 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.64 | 0.56 | 9.20 |
-| 7B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.05 | 0.88 | 18.38 |
-| 7B | TPU v5e-8 | 16 | (1, 8, 1) | bf16 | 1.93 | 3.86 | 1.93 | 2.05 | 0.88 | 10.65 |
-| 7B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 7.72 | 15.45 | 7.72 | 4.10 | 1.75 | 36.75 |
-| 7B | 8x H100 | 80 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.05 | 0.88 | 18.38 |
+| model | machine | HBM GiB | mesh | dtype | params GiB | adam GiB | grads GiB | act. GiB | KV GiB | total GiB | fits |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| 3B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.64 | 0.56 | 9.20 | yes |
+| 3B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 3.50 | 7.00 | 3.50 | 3.28 | 1.12 | 18.40 | yes |
+| 3B | 8x H100 | 80 | (1, 8, 1) | f32 | 1.75 | 3.50 | 1.75 | 1.64 | 0.56 | 9.20 | yes |
+| 7B | TPU v5e-8 | 16 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.05 | 0.88 | 18.38 | **does not fit** |
+| 7B | TPU v5e-8 | 16 | (1, 8, 1) | bf16 | 1.93 | 3.86 | 1.93 | 2.05 | 0.88 | 10.65 | yes |
+| 7B | TPU v5p-8 | 95 | (1, 4, 1) | f32 | 7.72 | 15.45 | 7.72 | 4.10 | 1.75 | 36.75 | yes |
+| 7B | 8x H100 | 80 | (1, 8, 1) | f32 | 3.86 | 7.73 | 3.86 | 2.05 | 0.88 | 18.38 | yes |
 
 "total" adds the rollout cache to the update's budget (an upper bound: the two phases need not overlap) and leaves
 out XLA's temporaries. 7B with float32 weights does not fit a v5e-8 chip's 16 GiB; bf16 weights (optax then keeps
 mu and nu in bf16 too) or a (data, fsdp, tensor) mesh over more chips do.
 """
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -210,20 +212,31 @@ ROWS = (("3B", "TPU v5e-8", 16, (1, 8, 1), 4), ("3B", "TPU v5p-8", 95, (1, 4, 1)
 
 
 def table() -> str:
-  """The docstring's markdown table, recomputed."""
+  """The docstring's markdown table, recomputed: GiB per device, and whether the total fits the device's HBM."""
   from jaxvg.models.config import QWEN25VL_3B, QWEN25VL_7B
   models = {"3B": QWEN25VL_3B, "7B": QWEN25VL_7B}
-  lines = ["| model | machine | HBM/device | mesh | weights | params | adam | grads | activations | kv cache | total |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | machine | HBM GiB | mesh | dtype | params GiB | adam GiB | grads GiB | act. GiB | KV GiB | "
+           "total GiB | fits |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for label, machine, hbm, mesh, param_bytes in ROWS:
     p = plan(models[label], mesh, micro_batch=8, seq_len=2048, patches=1024, cache_batch=64, cache_len=2048,
              param_bytes=param_bytes)
     cells = [p.params, p.opt_state, p.grads, p.activations, p.kv_cache, p.total]
     weights = {4: "f32", 2: "bf16"}[param_bytes]
+    fits = "yes" if p.total <= hbm * GIB else "**does not fit**"
     lines.append(f"| {label} | {machine} | {hbm} | {mesh} | {weights} | "
-                 + " | ".join(f"{x / GIB:.2f}" for x in cells) + " |")
+                 + " | ".join(f"{x / GIB:.2f}" for x in cells) + f" | {fits} |")
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None):
+  plans = __doc__[__doc__.index("Plans for Qwen2.5-VL"):__doc__.index("| model |")]
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Prints, as a markdown table, the plans "
+                                   "described below.", epilog=plans,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.parse_args(argv)
   print(table())
+
+
+if __name__ == "__main__":
+  main()

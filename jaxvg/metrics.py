@@ -1,6 +1,8 @@
 """Host-side metrics: a JSONL log, TensorBoard event files, sample rollouts, and a progress line with an ETA.
 
-Only process 0 writes (multi-host runs call every writer on every host; the others are no-ops).
+Only process 0 writes (multi-host runs call every writer on every host; the others are no-ops). A resumed run appends
+to the logs of the run it continues; `MetricsWriter.drop_previous` first takes out what the earlier processes logged
+past the resumed step, so that every step is logged once. TensorBoard keeps one event file per process.
 """
 
 import json
@@ -18,6 +20,24 @@ def _scalar(v):
   return float(v) if v.size == 1 else None
 
 
+def _open_log(path: str):
+  """(the file opened for appending, the number of lines earlier processes wrote); a last line cut short by a kill
+  is ended, so that the next record starts on a line of its own."""
+  with open(path, "ab+") as f:
+    f.seek(0)
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.write(b"\n")
+  return open(path, "a"), data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def _record_step(line: bytes) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None  # a line cut short, or not a record
+
+
 class MetricsWriter:
   """Writes one JSON line and one TensorBoard event per call of `write(step, metrics)`."""
 
@@ -25,11 +45,13 @@ class MetricsWriter:
     self.enabled = enabled
     self.out_dir = out_dir
     self._tb = None
+    self._written: set[int] = set()  # steps this process logged
     if not enabled:
       return
     os.makedirs(out_dir, exist_ok=True)
-    self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-    self._samples = open(os.path.join(out_dir, "samples.jsonl"), "a")
+    self._files, self._before = {}, {}  # name -> the open file, and the lines earlier processes wrote to it
+    for name in ("metrics.jsonl", "samples.jsonl"):
+      self._files[name], self._before[name] = _open_log(os.path.join(out_dir, name))
     if tensorboard:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._tb = EventFileWriter(os.path.join(out_dir, "tensorboard"))
@@ -37,11 +59,12 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict, *, histograms: dict | None = None):
     if not self.enabled:
       return
+    self._written.add(int(step))
     scalars = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
     # A non-finite value is written as null (JSON has no NaN), never dropped: a diverging loss must show.
     finite = {k: s if math.isfinite(s) else None for k, s in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **finite}) + "\n")
-    self._jsonl.flush()
+    self._files["metrics.jsonl"].write(json.dumps({"step": int(step), "time": time.time(), **finite}) + "\n")
+    self._files["metrics.jsonl"].flush()
     if self._tb is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2
       values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
@@ -54,14 +77,34 @@ class MetricsWriter:
   def write_samples(self, step: int, samples: list[dict]):
     if not self.enabled:
       return
+    self._written.add(int(step))
     for s in samples:
-      self._samples.write(json.dumps({"step": int(step), **s}, default=_jsonable) + "\n")
-    self._samples.flush()
+      self._files["samples.jsonl"].write(json.dumps({"step": int(step), **s}, default=_jsonable) + "\n")
+    self._files["samples.jsonl"].flush()
+
+  def drop_previous(self, after: int):
+    """Rewrites metrics.jsonl and samples.jsonl (each atomically) without the records earlier processes logged past
+    step `after` or at a step this process has logged, and without lines cut short: a resumed run then logs each
+    step once. Records this process wrote are kept."""
+    if not self.enabled:
+      return
+    keep = lambda step: step is not None and step <= after and step not in self._written
+    for name, before in self._before.items():
+      self._files[name].close()
+      path = os.path.join(self.out_dir, name)
+      with open(path, "rb") as f:
+        lines = [line + b"\n" for line in f.read().split(b"\n")[:-1]]  # every line is ended (`_open_log`)
+      kept = [line for line in lines[:before] if keep(_record_step(line))]
+      if len(kept) < before:
+        with open(f"{path}.tmp", "wb") as f:
+          f.writelines(kept + lines[before:])
+        os.replace(f"{path}.tmp", path)
+      self._files[name], self._before[name] = open(path, "a"), len(kept)
 
   def close(self):
     if self.enabled:
-      self._jsonl.close()
-      self._samples.close()
+      for f in self._files.values():
+        f.close()
       if self._tb is not None:
         self._tb.close()
 

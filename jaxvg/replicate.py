@@ -1,7 +1,7 @@
-r"""Replication: every method x seed from one shared warm start and one rollout budget, summarized in docs/results.md.
+r"""Replication: every method x seed from one shared warm start and one rollout budget, compared on paired prompts.
 
   python -m jaxvg.replicate [--seeds 3] [--steps N] [--out runs/replicate] [--methods GRPO,DAPO,...] [--jobs K]
-                            [--pin] [--set key=value ...] [--results docs/results.md]
+                            [--pin] [--set key=value ...] [--eval-prompts 512] [--results <out>/results.md]
 
 1. Each method's config gets its overrides, then `--set`, then the seed, steps and folder. A missing config file is
    an error, and so are rollout budgets (RL steps x rollouts per step) that differ between methods; the cap on new
@@ -9,11 +9,16 @@ r"""Replication: every method x seed from one shared warm start and one rollout 
 2. The warm start is trained once per signature (the model, data, sft and sft_optim sections: what `sft.warm_start`
    compares) in <out>/warm_start/<key>; each run gets a copy as its out_dir/sft, and retraining it is an error.
 3. Each method x seed (train.seed = 0, 1, ...) runs `train.run` in its own process, `--jobs` at a time (`--pin`
-   gives each a slice of the cores). Its final policy is evaluated on `prior_conflict` and against the synthetic
-   ground truth (`analysis.evaluate_groundtruth`); tokens/s, step time and rollouts come from its metrics.jsonl. A
-   finished run (same spec) is reused, an interrupted one resumes from its checkpoint.
-4. The table (mean ± sample standard deviation over seeds), a sentence per method that does not beat its baseline,
-   the machine, date and wall time go to `--results`.
+   gives each a slice of the cores). Its final policy, like the warm start, is scored prompt by prompt (0/1, greedy
+   when train.eval_greedy) on the first `--eval-prompts` records of the held-out split, of `prior_conflict`, and of the
+   held-out split with white images (the control): the same prompts, in record order, for every method and seed. The
+   synthetic ground truth (`analysis.evaluate_groundtruth`), tokens/s, step time and rollouts complete its result. A
+   finished run (same spec) is reused; a result without per-prompt scores (an older driver's) is run again, resuming
+   from its checkpoints; an interrupted run resumes from its checkpoint.
+4. `--results` (default <out>/results.md; `--results docs/results.md` publishes it) gets each method's accuracies, the
+   mean over seeds and prompts with a 95 % bootstrap interval; each method against its baseline on the same seeds and
+   prompts: the paired difference, its interval, a verdict and the minimum detectable difference (`jaxvg.stats`);
+   cost and analysis figures (mean ± sample standard deviation over seeds); the machine, date and wall time.
 
 `read_run`, `read_tfevents` and `ema` at the end load runs for notebooks/training_curves.ipynb.
 """
@@ -38,6 +43,8 @@ import sys
 import time
 
 import numpy as np
+
+from jaxvg import stats
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -64,9 +71,12 @@ METHODS = (
     Method("VGS", "vgs_demo.py", (), baseline="OPD"),
     Method("GRPO+VGS", "grpo_vgs_demo.py", (), baseline="GRPO"),
 )
-# result.json fields aggregated over seeds, in table order.
-FIELDS = ("accuracy_before", "accuracy_after", "prior_conflict_after", "tokens_per_s", "step_time", "rollouts",
-          "dependency_auroc", "step_split_accuracy")
+# result.json fields aggregated over seeds (mean ± spread), in table order.
+FIELDS = ("tokens_per_s", "step_time", "rollouts", "dependency_auroc", "step_split_accuracy")
+# Per-prompt scores kept by every result: held-out, prior-conflict, and held-out with white images (the control).
+SPLITS = ("test", "prior_conflict", "white")
+COMPARED = {"test": "held-out", "prior_conflict": "prior-conflict"}  # the splits compared with the baseline
+TARGET_MDD = 0.05  # the minimum detectable difference the replication aims for
 
 
 def select_methods(names: list[str] | None, *, config_dir: str = CONFIG_DIR) -> list[Method]:
@@ -99,11 +109,13 @@ def warm_start_key(cfg) -> str | None:
 
 
 def plan_runs(methods: list[Method], *, seeds: int, steps: int | None, common: list[str], out_dir: str,
-              config_dir: str = CONFIG_DIR) -> list[dict]:
+              eval_prompts: int = 512, config_dir: str = CONFIG_DIR) -> list[dict]:
   """One spec (a JSON-able dict) per method x seed; raises when the rollout budgets differ."""
   from jaxvg import config_lib
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
+  if eval_prompts < 1:
+    raise ValueError(f"--eval-prompts must be >= 1, got {eval_prompts}")
   out_dir = os.path.abspath(out_dir)
   specs, budgets = [], {}
   for m in methods:
@@ -116,7 +128,8 @@ def plan_runs(methods: list[Method], *, seeds: int, steps: int | None, common: l
       key = warm_start_key(cfg)
       budgets[m.name] = (cfg.train.steps, cfg.data.prompts_per_batch * cfg.rollout.group_size)
       specs.append({"kind": "run", "method": m.name, "seed": seed, "config": config, "overrides": overrides,
-                    "out_dir": run_dir, "warm_dir": os.path.join(out_dir, "warm_start", key) if key else None})
+                    "out_dir": run_dir, "warm_dir": os.path.join(out_dir, "warm_start", key) if key else None,
+                    "eval_prompts": eval_prompts})
   if len(set(budgets.values())) > 1:
     groups = {}
     for name, (s, r) in budgets.items():
@@ -135,7 +148,8 @@ def warm_start_specs(runs: list[dict]) -> list[dict]:
     if r["warm_dir"] and r["warm_dir"] not in jobs:
       overrides = [o for o in r["overrides"] if not o.startswith("train.out_dir=")] + [f"train.out_dir={r['warm_dir']}"]
       jobs[r["warm_dir"]] = {"kind": "warm", "method": r["method"], "seed": None, "config": r["config"],
-                             "overrides": overrides, "out_dir": r["warm_dir"], "warm_dir": None}
+                             "overrides": overrides, "out_dir": r["warm_dir"], "warm_dir": None,
+                             "eval_prompts": r["eval_prompts"]}
   return list(jobs.values())
 
 
@@ -151,21 +165,36 @@ def _resolve(spec):
   return config_lib.apply_overrides(config_lib.load_config(spec["config"]), spec["overrides"])
 
 
-def heldout_accuracy(cfg, graphdef, params, tokenizer, model_cfg, *, split: str) -> float:
-  """Accuracy on a held-out synthetic split ("test": the run's eval split, or "prior_conflict"); nan otherwise."""
+def heldout_scores(cfg, graphdef, params, tokenizer, model_cfg, *, split: str, num: int,
+                   white_image: bool = False) -> dict | None:
+  """{"ids": ids_P, "scores": scores_P}: each prompt's accuracy on the first `num` records of a synthetic split ("test":
+  the run's held-out split, or "prior_conflict"), in record order; `white_image`: the same records with white images.
+  None when the data is not synthetic."""
   from jaxvg import builders, evaluate, rewards
   from jaxvg.data import pipeline, synthetic
   if cfg.data.source != "synthetic":
-    return float("nan")
-  source = synthetic.SyntheticSource(split=split, num_records=cfg.data.num_eval,
-                                     cfg=builders.synthetic_config(cfg.data))
-  batches = list(pipeline.make_dataset(source, tokenizer=tokenizer, prompt=builders.prompt_config(cfg.data),
+    return None
+  source = synthetic.SyntheticSource(split=split, num_records=num, cfg=builders.synthetic_config(cfg.data))
+  batches = list(pipeline.make_dataset(builders.WhiteImages(source) if white_image else source, tokenizer=tokenizer,
+                                       prompt=builders.prompt_config(cfg.data),
                                        data=builders.data_config(cfg.data, shuffle=False, num_epochs=1),
                                        vision=model_cfg.vision))
-  return evaluate.accuracy(graphdef, params, batches, tokenizer=tokenizer, fmt=builders.prompt_format(cfg.data),
-                           reward_fn=rewards.load_reward_fn(cfg.algo.reward_fn),
-                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=builders.stop_token_ids(tokenizer),
-                           greedy=cfg.train.eval_greedy)
+  scores_P = evaluate.scores(graphdef, params, batches, tokenizer=tokenizer, fmt=builders.prompt_format(cfg.data),
+                             reward_fn=rewards.load_reward_fn(cfg.algo.reward_fn),
+                             max_new_tokens=cfg.rollout.max_new_tokens,
+                             stop_token_ids=builders.stop_token_ids(tokenizer), greedy=cfg.train.eval_greedy)
+  ids_P = [i for b in batches for i, valid in zip(b.ids, np.asarray(b.prompts.valid_B)) if valid]
+  return {"ids": ids_P, "scores": scores_P.tolist()}
+
+
+def per_prompt(cfg, graphdef, params, tokenizer, model_cfg, *, num: int) -> dict[str, dict | None]:
+  """SPLITS -> `heldout_scores` ("white": the held-out split with white images)."""
+  return {split: heldout_scores(cfg, graphdef, params, tokenizer, model_cfg, num=num, white_image=split == "white",
+                                split="test" if split == "white" else split) for split in SPLITS}
+
+
+def _mean(entry: dict | None) -> float:
+  return float(np.mean(entry["scores"])) if entry else float("nan")
 
 
 def summarize_metrics(rows: list[dict], *, group_size: int) -> dict:
@@ -200,9 +229,9 @@ def _warm_worker(spec: dict) -> dict:
   if cfg.distill.teacher_sft_steps:  # the distillation runs' teacher, trained once here like the student's start
     from jaxvg import distill
     distill.make_teacher(cfg, model, tokenizer, params)
-  acc = {split: heldout_accuracy(cfg, graphdef, params, tokenizer, model.cfg, split=split)
-         for split in ("test", "prior_conflict")}
-  return {"spec": spec, "accuracy": acc["test"], "prior_conflict": acc["prior_conflict"], "device": _device()}
+  scores = per_prompt(cfg, graphdef, params, tokenizer, model.cfg, num=spec["eval_prompts"])
+  return {"spec": spec, "accuracy": _mean(scores["test"]), "prior_conflict": _mean(scores["prior_conflict"]),
+          "white": _mean(scores["white"]), "per_prompt": scores, "device": _device()}
 
 
 def _run_worker(spec: dict) -> dict:
@@ -217,19 +246,25 @@ def _run_worker(spec: dict) -> dict:
     shutil.rmtree(os.path.join(spec["out_dir"], "teacher"), ignore_errors=True)
     shutil.copytree(teacher, os.path.join(spec["out_dir"], "teacher"))
   stamp = os.stat(marker).st_mtime_ns if spec["warm_dir"] else None
+  _, logged, saved = train.previous_run(spec["out_dir"])
+  if logged and not saved:  # killed before its first checkpoint: nothing to resume, start it over
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=True))
   out = train.run(cfg)
   if spec["warm_dir"] and os.stat(marker).st_mtime_ns != stamp:
     raise RuntimeError(f"{spec['method']} seed {spec['seed']} trained its own warm start instead of reusing "
                        f"{spec['warm_dir']}: its warm-start signature differs from the shared one")
   policy = analysis.load_policy(run_dir=spec["out_dir"], params="final")
-  prior = heldout_accuracy(cfg, policy.graphdef, policy.params, policy.tokenizer, policy.model_cfg,
-                           split="prior_conflict")
+  scores = per_prompt(cfg, policy.graphdef, policy.params, policy.tokenizer, policy.model_cfg,
+                      num=spec["eval_prompts"])
   # Against the synthetic generator's labels: visual words vs reasoning words, perception vs reasoning steps.
   truth = (analysis.evaluate_groundtruth(policy, num=cfg.data.num_eval, batch_size=cfg.data.prompts_per_batch)
            if cfg.data.source == "synthetic" else {"auroc_k3": float("nan"), "split_accuracy_v": float("nan")})
   rows = [json.loads(line) for line in open(os.path.join(spec["out_dir"], "metrics.jsonl")) if line.strip()]
+  # accuracy_before/after: train.run's own evaluation (data.num_eval prompts); the table uses the per-prompt scores.
   return {"spec": spec, "accuracy_before": out["accuracy_before"], "accuracy_after": out["accuracy_after"],
-          "prior_conflict_after": prior, **summarize_metrics(rows, group_size=cfg.rollout.group_size),
+          "heldout_after": _mean(scores["test"]), "prior_conflict_after": _mean(scores["prior_conflict"]),
+          "white_after": _mean(scores["white"]), "per_prompt": scores,
+          **summarize_metrics(rows, group_size=cfg.rollout.group_size),
           "dependency_auroc": float(truth["auroc_k3"]), "step_split_accuracy": float(truth["split_accuracy_v"]),
           "budget": {"steps": cfg.train.steps, "prompts_per_batch": cfg.data.prompts_per_batch,
                      "group_size": cfg.rollout.group_size, "max_new_tokens": cfg.rollout.max_new_tokens},
@@ -257,12 +292,12 @@ def _worker(spec_path: str):
 
 
 def _done(spec: dict) -> dict | None:
-  """The result of a finished job with the same spec, if any."""
+  """The result of a finished job with the same spec and per-prompt scores, if any (else the job runs again)."""
   if not os.path.exists(result_path(spec)):
     return None
   with open(result_path(spec)) as f:
     result = json.load(f)
-  return result if result["spec"] == spec else None
+  return result if result["spec"] == spec and "per_prompt" in result else None
 
 
 def split_cpus(cpus: list[int], jobs: int) -> list[list[int]]:
@@ -325,37 +360,116 @@ def mean_spread(values) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class PerPrompt:
+  """One method's scores on one split: a row per seed (train.seed `seeds[s]`), a column per prompt (`ids[p]`)."""
+  seeds: tuple[int, ...]
+  ids: tuple[str, ...]
+  scores_SP: np.ndarray
+
+
+def per_prompt_scores(results: list[dict], split: str) -> PerPrompt | None:
+  """One method's results' scores on `split`, in seed order; None when a result has none (the data is not synthetic)."""
+  rs = sorted(results, key=lambda r: r["spec"]["seed"])
+  entries = [r["per_prompt"][split] for r in rs]
+  if not entries or any(e is None for e in entries):
+    return None
+  ids = tuple(entries[0]["ids"])
+  if any(tuple(e["ids"]) != ids for e in entries):
+    raise ValueError(f"the seeds of {rs[0]['spec']['method']} were scored on different {split} prompts")
+  return PerPrompt(tuple(r["spec"]["seed"] for r in rs), ids, np.asarray([e["scores"] for e in entries], np.float64))
+
+
 def aggregate(results: list[dict]) -> dict[str, dict]:
-  """method -> {"seeds": n, field: (mean, spread) for each of FIELDS}, in the order the methods first appear."""
+  """method -> {"seeds": n, field: (mean, spread) for each of FIELDS, split: PerPrompt | None for each of SPLITS},
+  in the order the methods first appear."""
   by_method = {}
   for r in results:
     by_method.setdefault(r["spec"]["method"], []).append(r)
-  return {name: {"seeds": len(rs), **{f: mean_spread([r[f] for r in rs]) for f in FIELDS}}
+  return {name: {"seeds": len(rs), **{f: mean_spread([r[f] for r in rs]) for f in FIELDS},
+                 **{split: per_prompt_scores(rs, split) for split in SPLITS}}
           for name, rs in by_method.items()}
 
 
-def verdicts(summary: dict[str, dict], baselines: dict[str, str | None], *, field: str = "accuracy_after") -> list[str]:
-  """A sentence per method whose mean does not exceed its baseline's by more than the larger spread over seeds."""
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A method against its baseline on one split: the paired difference on their common seeds, or why there is none."""
+  method: str
+  baseline: str
+  seeds: int = 0                              # the seeds both ran (the rows paired)
+  prompts: int = 0
+  diff: stats.Difference | None = None
+  why: str = ""
+
+  @property
+  def mdd(self) -> float:
+    """The minimum detectable difference (80 % power, 5 % level) of this paired design."""
+    return stats.z_sum() * self.diff.se if self.diff else float("nan")
+
+
+def compare(summary: dict[str, dict], baselines: dict[str, str | None], *, split: str) -> list[Comparison]:
+  """Each method that has a baseline, against it on `split`: the same prompts, the seeds both ran."""
   out = []
   for name, row in summary.items():
     base = baselines[name]
-    if base is None or base not in summary:
+    if base is None:
       continue
-    (m, sm), (b, sb) = row[field], summary[base][field]
-    if not (math.isfinite(m) and math.isfinite(b)):
-      out.append(f"{name} cannot be compared with its baseline {base}: a held-out accuracy is missing.")
-    elif m - b <= 0:
-      out.append(f"{name} does not beat its baseline {base}: held-out accuracy {m:.3f} ± {sm:.3f} against "
-                 f"{b:.3f} ± {sb:.3f}.")
-    elif m - b <= max(sm, sb):
-      out.append(f"{name} does not beat its baseline {base} beyond the spread over seeds: held-out accuracy "
-                 f"{m:.3f} ± {sm:.3f} against {b:.3f} ± {sb:.3f}, a gain of {m - b:.3f} within ± {max(sm, sb):.3f}.")
+    if base not in summary:
+      out.append(Comparison(name, base, why=f"its baseline {base} was not run"))
+      continue
+    a, b = row[split], summary[base][split]
+    if a is None or b is None:
+      out.append(Comparison(name, base, why="no per-prompt scores"))
+      continue
+    common = [s for s in a.seeds if s in b.seeds]
+    if a.ids != b.ids:
+      out.append(Comparison(name, base, why=f"it and {base} were scored on different prompts"))
+    elif not common:
+      out.append(Comparison(name, base, why=f"no seed in common with {base}"))
+    else:
+      a_SP, b_SP = (pp.scores_SP[[pp.seeds.index(s) for s in common]] for pp in (a, b))
+      out.append(Comparison(name, base, len(common), len(a.ids), stats.paired_difference(a_SP, b_SP)))
   return out
+
+
+def power_sentence(comparisons: list[Comparison], label: str) -> str:
+  """The largest minimum detectable difference over the comparisons, and whether it reaches TARGET_MDD."""
+  made = [c for c in comparisons if c.diff]
+  if not made:
+    return f"{label}: no comparison was made."
+  worst = max(made, key=lambda c: c.mdd)
+  head = (f"{label}: the largest minimum detectable difference over the {len(made)} comparison(s) is {worst.mdd:.3f} "
+          f"({worst.method} against {worst.baseline})")
+  if worst.mdd <= TARGET_MDD:
+    return (f"{head}, <= {TARGET_MDD}: every comparison would detect a true difference of {TARGET_MDD} with 80 % "
+            "power.")
+  sd, need = worst.diff.sd_prompt, stats.required_prompts(worst.diff.sd_prompt, TARGET_MDD)
+  head += (f", above {TARGET_MDD}: this run cannot promise to detect a difference of {TARGET_MDD}. At that "
+           f"comparison's per-prompt paired SD ({sd:.3f}), the prompts alone would reach {TARGET_MDD} with about "
+           f"{need} prompts")
+  if need > worst.prompts:
+    return f"{head}: score more (--eval-prompts); the part from the spread between seeds falls only with more seeds."
+  return (f"{head}, and {worst.prompts} were scored: the rest is the spread between seeds (with the share of the "
+          "seed x prompt noise that the bootstrap counts there), which only more seeds reduce.")
 
 
 def _cell(ms: tuple[float, float], digits: int) -> str:
   m, s = ms
   return "n/a" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _ci_cell(scores_SP) -> str:
+  if scores_SP is None:
+    return "n/a"
+  ci = stats.mean_ci(scores_SP)
+  return f"{ci.mean:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]"
+
+
+def _diff_cells(c: Comparison) -> list[str]:
+  if c.diff is None:
+    return ["n/a", f"not compared: {c.why}", "n/a"]
+  d = c.diff
+  return [f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", d.verdict, f"{c.mdd:.3f}"]
 
 
 def _hms(seconds: float) -> str:
@@ -365,36 +479,64 @@ def _hms(seconds: float) -> str:
 
 def render_results(summary: dict[str, dict], *, methods: list[Method], warm: list[dict], budgets: dict[str, dict],
                    command: str, machine: str, date: str, wall_s: float, jobs_s: float) -> str:
-  """docs/results.md: the table, the sentences, the warm starts, the methods and what the columns mean."""
+  """The results page: accuracies, comparisons with the baselines and their power, cost, warm starts, methods."""
   baselines = {m.name: m.baseline for m in methods}
   budget = budgets[methods[0].name]
+  sizes = sorted({len(row[s].ids) for row in summary.values() for s in SPLITS if row[s] is not None})
+  prompts = "no" if not sizes else str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
   lines = ["# Results: every method from a shared warm start", "",
            f"`{command}` on {machine}, {date}; total wall time {_hms(wall_s)} (the warm start and run processes took "
            f"{_hms(jobs_s)} in all, summed over parallel jobs and earlier invocations whose runs were reused).", "",
            f"Budget per run: {budget['steps']} RL steps x {budget['prompts_per_batch'] * budget['group_size']} "
            "rollouts (prompts x samples per prompt, per method below); DAPO's dynamic sampling may draw more prompts "
-           "(the rollouts column counts what was sampled). Figures are mean ± sample standard deviation over seeds "
-           "(train.seed = 0, 1, ...).", "",
-           "| method | baseline | seeds | held-out acc. before | held-out acc. after | prior-conflict acc. after "
-           "| tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |", "|---" * 11 + "|"]
+           "(the rollouts column counts what was sampled). Seed n is train.seed = n.", "",
+           "## Accuracy", "",
+           f"Each final policy scored prompt by prompt on {prompts} prompts per split, the same prompts for every "
+           "method and seed: the mean over seeds and prompts [its 95 % interval, a bootstrap over seeds and prompts]. "
+           "The white-image column is the held-out split with every image white: what the policy gets without "
+           "looking.", "",
+           "| method | seeds | held-out acc. | prior-conflict acc. | white-image acc. (control) |", "|---" * 5 + "|"]
+  lines += [f"| {name} | {row['seeds']} | " + " | ".join(_ci_cell(row[s] and row[s].scores_SP) for s in SPLITS)
+            + " |" for name, row in summary.items()]
+  by_split = {split: compare(summary, baselines, split=split) for split in COMPARED}
+  lines += ["", "## Against the baseline", "",
+            "Method minus baseline on the seeds both ran and the same prompts: the mean difference [its 95 % interval, "
+            "a paired bootstrap that resamples the same seeds and prompts for both], the verdict (better: the interval "
+            "lies above 0; worse: below 0; no difference detected: it holds 0), and the minimum detectable difference "
+            "(MDD: the smallest true difference this design detects with 80 % power at the 5 % level).", "",
+            "| method | baseline | seeds paired | " + " | ".join(f"{label} diff. | {label} verdict | {label} MDD"
+                                                       for label in COMPARED.values()) + " |",
+            "|---" * (3 + 3 * len(COMPARED)) + "|"]
+  for row in zip(*by_split.values()):
+    lines.append(f"| {row[0].method} | {row[0].baseline} | {row[0].seeds or 'n/a'} | "
+                 + " | ".join(cell for c in row for cell in _diff_cells(c)) + " |")
+  lines += ["", "Minimum detectable difference achieved:", ""]
+  lines += [f"- {power_sentence(by_split[split], label.capitalize())}" for split, label in COMPARED.items()]
+  lines += ["", "## Cost and analysis", "", "Mean ± sample standard deviation over seeds.", "",
+            "| method | seeds | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |",
+            "|---" * 7 + "|"]
   for name, row in summary.items():
-    cells = [_cell(row[f], d) for f, d in zip(FIELDS, (3, 3, 3, 0, 2, 0, 3, 3))]
-    lines.append(f"| {name} | {baselines[name] or '-'} | {row['seeds']} | " + " | ".join(cells) + " |")
-  lines += ["", "## Methods that do not beat their baseline", ""]
-  lines += [f"- {s}" for s in verdicts(summary, baselines)] or ["Every method beats its baseline beyond the spread."]
+    cells = [_cell(row[f], d) for f, d in zip(FIELDS, (0, 2, 0, 3, 3))]
+    lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
   lines += ["", "## Warm starts", ""]
   for i, w in enumerate(warm):
     users = ", ".join(sorted(set(w["methods"])))
+    one = {s: w["per_prompt"][s] and [w["per_prompt"][s]["scores"]] for s in SPLITS}  # one seed: prompts only
     lines.append(f"- W{i + 1} (`{os.path.basename(w['spec']['out_dir'])}`, used by {users}): held-out accuracy "
-                 f"{w['accuracy']:.3f}, prior-conflict accuracy {w['prior_conflict']:.3f}.")
+                 f"{_ci_cell(one['test'])}, prior-conflict {_ci_cell(one['prior_conflict'])}, white-image "
+                 f"{_ci_cell(one['white'])}.")
   lines += ["", "## Methods", "", "| method | config | overrides | prompts x samples | max new tokens |",
             "|---" * 5 + "|"]
   lines += [f"| {m.name} | configs/{m.config} | {', '.join(m.overrides)} | {budgets[m.name]['prompts_per_batch']} x "
             f"{budgets[m.name]['group_size']} | {budgets[m.name]['max_new_tokens']} |" for m in methods]
   lines += ["", "## Columns", "",
-            "- held-out: the synthetic `test` split (layouts never seen in training). prior-conflict: the same "
-            "held-out layouts, with wording that suggests a wrong answer. Both use greedy decoding and score the boxed "
-            "answer.",
+            "- held-out: the first records of the synthetic `test` split (layouts never seen in training). "
+            "prior-conflict: the same held-out layouts, with wording that suggests a wrong answer. Each prompt scores "
+            "1 when the boxed answer of the greedy completion is right, else 0.",
+            "- intervals: percentile intervals of a crossed bootstrap that resamples seeds and, independently, prompts "
+            "(the same prompts for every seed, and for both sides of a comparison). It errs wide, counting the seed x "
+            "prompt noise more than once, so a verdict of better or worse is safe and an MDD may be up to 1.5 times "
+            "too large (`jaxvg.stats`).",
             "- tokens/s and step time: medians over each run's RL steps after the first (the first step compiles).",
             "- dependency AUROC: how well the final policy's token dependency (PGPO's k3 score, image vs masked image) "
             "ranks the words of the reference solutions that state an image fact above the words of reasoning steps. "
@@ -418,7 +560,9 @@ def main(argv=None):
   parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
   parser.add_argument("--pin", action="store_true", help="pin each parallel process to its own slice of the cores")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-  parser.add_argument("--results", default="docs/results.md")
+  parser.add_argument("--eval-prompts", type=int, default=512,
+                      help="records of each held-out split scored per run (the same for every method and seed)")
+  parser.add_argument("--results", default=None, help="the results page (default <out>/results.md)")
   parser.add_argument("--configs", default=CONFIG_DIR, help="the folder holding the methods' config files")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -427,7 +571,8 @@ def main(argv=None):
   t0 = time.time()
   methods = select_methods(args.methods, config_dir=args.configs)
   runs = plan_runs(methods, seeds=args.seeds, steps=args.steps, common=args.set, out_dir=args.out,
-                   config_dir=args.configs)
+                   eval_prompts=args.eval_prompts, config_dir=args.configs)
+  results_path = args.results or os.path.join(args.out, "results.md")
   # One persistent compilation cache for every process: each stage compiles once per shape, not once per run.
   env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.abspath(args.out), "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -443,10 +588,10 @@ def main(argv=None):
                         machine=describe_machine([r["device"] for r in results]),
                         date=datetime.date.today().isoformat(), wall_s=time.time() - t0,
                         jobs_s=sum(r["wall_s"] for r in warm + results))
-  os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-  with open(args.results, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+  with open(results_path, "w") as f:
     f.write(text)
-  print(f"wrote {args.results}")
+  print(f"wrote {results_path}")
   return results
 
 

@@ -3,6 +3,12 @@ r"""RL post-training of a Qwen2.5-VL policy: sample -> reward -> score -> credit
   python -m jaxvg.train --config configs/demo.py [--set rollout.group_size=8 ...]
 
 The script reads top to bottom like the pipeline; every device stage is a pure function jitted once.
+
+A run folder (train.out_dir) holds one run: run again, the same command resumes it from its newest readable
+checkpoint. Another configuration (beyond RESUMABLE fields), or logs without a checkpoint to resume from, is refused
+before any work unless train.overwrite is set. Ctrl-C (SIGINT) and SIGTERM save at the end of the step and exit 130 /
+143; a second Ctrl-C stops at once. Exit codes: 2 a config or run-folder error, 3 a diverged run, 4 a checkpoint that
+could not be written.
 """
 
 import argparse
@@ -10,6 +16,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
+import signal
 import sys
 import time
 import types
@@ -56,11 +65,112 @@ class TrainingDiverged(RuntimeError):
   """The optimizer guard skipped `train.max_skipped_updates` updates in a row."""
 
 
+# ================================================================================= The run folder
+# Fields a resumed run may change: none of them changes what the steps already taken computed (the checkpoint
+# restores onto any mesh). A prefix ending in "." covers a section.
+RESUMABLE = ("train.steps", "train.eval_every", "train.samples_logged", "train.keep_checkpoints", "train.save_every",
+             "train.resume", "train.overwrite", "train.out_dir", "train.log_every", "train.max_skipped_updates",
+             "mesh.")
+# What train.overwrite deletes; the warm starts (sft/, teacher/) stay, reused while their signatures match.
+RUN_FILES = ("checkpoints", "final", "tensorboard", "metrics.jsonl", "samples.jsonl", "config.json")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def config_changes(before: dict, after: dict) -> dict[str, tuple]:
+  """{field: (before, after)} of the dotted fields both config dicts hold that differ, RESUMABLE ones left out."""
+  b, a = _flat(before), _flat(json.loads(json.dumps(after)))  # as config.json holds it: tuples are lists
+  return {k: (b[k], v) for k, v in a.items() if k in b and b[k] != v and not k.startswith(RESUMABLE)}
+
+
+def previous_run(out_dir: str) -> tuple[dict | None, list[int], list[int]]:
+  """(config.json, the steps metrics.jsonl logs, the complete checkpoint steps) of what `out_dir` holds."""
+  config, logged, saved = None, [], []
+  path = os.path.join(out_dir, "config.json")
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        config = json.load(f)
+    except ValueError as e:
+      raise validation.ConfigError(f"train.out_dir={out_dir}: {path} does not read ({e}); move that folder away or "
+                                   "set train.overwrite=true") from None
+  if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "rb") as f:
+      for line in f:
+        try:
+          logged.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+          pass  # a line cut short by a kill
+  if os.path.isdir(os.path.join(out_dir, "checkpoints")):
+    saved = sorted(int(n) for n in os.listdir(os.path.join(out_dir, "checkpoints")) if n.isdigit())
+  return config, logged, saved
+
+
+def check_run_folder(cfg: experiment.Config):
+  """Raises ConfigError when `train.out_dir` holds another run: one of another configuration, or logs of RL steps
+  that no checkpoint lets this run continue. Reads only; train.overwrite lets everything through."""
+  t = cfg.train
+  if t.overwrite:
+    return
+  config, logged, saved = previous_run(t.out_dir)
+  if not logged and not saved:
+    return  # a new folder, or one holding a warm start alone (reused only while its own signature matches)
+  changes = config_changes(config, config_lib.to_dict(cfg)) if config is not None else {}
+  if changes:
+    listed = "; ".join(f"{k}: {json.dumps(b)} -> {json.dumps(a)}" for k, (b, a) in list(changes.items())[:8])
+    more = f" and {len(changes) - 8} more" if len(changes) > 8 else ""
+    short = [str(a) for _, a in changes.values() if isinstance(a, (str, int, float)) and not isinstance(a, bool)]
+    tag = next((a for a in short if re.fullmatch(r"[\w.-]{1,24}", a)), "2")  # grpo -> runs/demo_grpo
+    raise validation.ConfigError(
+        f"train.out_dir={t.out_dir} holds a run of another configuration ({listed}{more}); choose a new "
+        f"train.out_dir (e.g. --set train.out_dir={t.out_dir.rstrip('/')}_{tag}), or set train.overwrite=true to "
+        f"replace that run")
+  rl_steps = [s for s in logged if s >= 0]
+  if saved and not t.resume:
+    raise validation.ConfigError(
+        f"train.out_dir={t.out_dir} holds a run with checkpoints up to step {saved[-1]} and train.resume=false; choose "
+        f"a new train.out_dir, or set train.overwrite=true to start over there")
+  if rl_steps and not saved:
+    raise validation.ConfigError(
+        f"train.out_dir={t.out_dir} holds a previous run's metrics (steps {min(rl_steps)} to {max(rl_steps)}) but no "
+        f"checkpoint to resume from; choose a new train.out_dir, or set train.overwrite=true to start over there")
+
+
+def _start_run_folder(cfg: experiment.Config, lead: bool):
+  """train.overwrite: deletes the previous run's files; then writes config.json (atomically), once it was checked."""
+  out_dir = cfg.train.out_dir
+  if lead:
+    if cfg.train.overwrite:
+      found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+      for name in found:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
+      if found:
+        log.warning("train.overwrite: deleted %s of the previous run in %s", ", ".join(found), out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "config.json")
+    with open(f"{path}.tmp", "w") as f:
+      json.dump(config_lib.to_dict(cfg), f, indent=2)
+    os.replace(f"{path}.tmp", path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("jaxvg: run folder ready")
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   try:
     cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
     validation.validate(cfg)
+    check_run_folder(cfg)
   except (ValueError, KeyError, FileNotFoundError) as e:  # a mistake in the config or an override: one line, early
     print(f"config error: {e.args[0] if e.args else e}", file=sys.stderr)
     sys.exit(2)
@@ -68,23 +178,33 @@ def main(argv=None) -> dict:
   sharding.initialize_distributed()
   try:
     return run(cfg)
+  except validation.ConfigError as e:  # found out late: every checkpoint of the run folder was unreadable
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
   except TrainingDiverged as e:
     log.error("%s", e)
     sys.exit(3)
+  except checkpoint.SaveError as e:
+    log.error("%s", e)
+    sys.exit(4)
+  except KeyboardInterrupt:  # Ctrl-C outside the RL loop (warm start, evaluation): nothing to save there
+    log.warning("interrupted (SIGINT) outside the training loop; the newest checkpoint, if any, is where a new run "
+                "of the same command resumes")
+    sys.exit(128 + signal.SIGINT)
 
 
 def run(cfg: experiment.Config, *, probe=None) -> dict:
   """Trains per `cfg`; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first.
 
-  Raises validation.ConfigError before any work for a config that cannot run, and TrainingDiverged when the
-  optimizer guard skips `train.max_skipped_updates` updates in a row (no checkpoint of non-finite weights exists).
+  Raises validation.ConfigError before any work for a config that cannot run or a run folder holding another run
+  (`check_run_folder`), TrainingDiverged when the optimizer guard skips `train.max_skipped_updates` updates in a row
+  (no checkpoint of non-finite weights exists), and checkpoint.SaveError when a checkpoint could not be written.
   """
   validation.validate(cfg)
+  check_run_folder(cfg)
   out_dir = cfg.train.out_dir
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_lib.to_dict(cfg), f, indent=2)
   lead = jax.process_index() == 0
+  _start_run_folder(cfg, lead)
 
   # ================================================================================= Mesh, model, tokenizer, data
   mesh = sharding.make_mesh(cfg.mesh)
@@ -162,12 +282,14 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   data_iter = iter(train_data)
   ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints,
                                  save_interval_steps=cfg.train.save_every)
-  stop = checkpoint.install_sigterm_handler()
   start, reward_curve = 0, []
   if cfg.train.resume and ckpt.latest_step() is not None:
-    restored = ckpt.restore(None, state)
+    try:  # a data state the pipeline refuses makes its step unreadable, like damaged files
+      restored = ckpt.restore(None, state, apply_data=data_iter.set_state)
+    except FileNotFoundError as e:
+      raise validation.ConfigError(f"train.out_dir={out_dir} holds a previous run but {e} (the unreadable steps were "
+                                   f"moved aside); set train.overwrite=true to start over there") from None
     state, key, start = restored.state, restored.rng, restored.step + 1
-    data_iter.set_state(restored.data_state)
     run_info = ckpt.config(restored.step)
     acc_before, reward_curve = run_info["accuracy_before"], list(run_info["reward_curve"])
     white_before = run_info.get("white_accuracy_before")
@@ -175,173 +297,184 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   else:
     acc_before, white_before = evaluate_now(state), evaluate_white(state)
   log.info("accuracy before: %.4f", acc_before)
+  writer.drop_previous(after=start - 1)  # what earlier processes logged past the resumed step is logged again
 
   # ================================================================================= RL loop
   guard = credit.DependencyGuard()
   skipped_in_a_row = 0
   desc = cfg.algo.name if not distilling else cfg.distill.method if not uses_rl else f"{cfg.algo.name}+{cfg.distill.method}"
   progress = metrics.Progress(cfg.train.steps, desc=desc, enabled=lead)
-  for step in range(start, cfg.train.steps):
-    t0 = time.time()
-    times = {"sample": 0.0, "reward": 0.0}
+  stop = checkpoint.install_sigterm_handler(signums=(signal.SIGTERM, signal.SIGINT))
+  try:
+    for step in range(start, cfg.train.steps):
+      t0 = time.time()
+      times = {"sample": 0.0, "reward": 0.0}
 
-    # ---- sample and reward, with DAPO's dynamic sampling: draw prompt batches until enough informative groups
-    draws = cfg.algo.minibatches * cfg.algo.micro_batches  # drawn batches per step without dynamic sampling
-    target = cfg.data.prompts_per_batch * draws
-    low, high = (cfg.algo.ds_low, cfg.algo.ds_high) if cfg.algo.dynamic_sampling else (-1.0, 2.0)
-    accumulator = dynamic_sampling.DynamicBatch(
-        target_groups=target, group_size=G, low=low, high=high,
-        max_tries=max(cfg.algo.ds_max_tries * cfg.algo.micro_batches, draws) if cfg.algo.dynamic_sampling
-        else draws)
-    drawn = []
-    while not accumulator.done:
-      batch = next(data_iter)
-      key, sample_key = jax.random.split(key)
-      ts = time.time()
-      p = batch.prompts
-      rolls = hosts.fetch(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
-                                          attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
-                                          deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
-                                          mesh=mesh if batch_axes else None, data_axes=batch_axes))
-      times["sample"] += time.time() - ts
-      ts = time.time()
-      texts = builders.decode_completions(tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=fmt.prefill)
-      scores = [reward_fn(t, batch.answers[n // G], fmt=fmt) for n, t in enumerate(texts)]
-      times["reward"] += time.time() - ts
-      # Filler rows of a short batch never count as kept groups.
-      accuracy_N = np.asarray([s["accuracy"] for s in scores]) if cfg.algo.dynamic_sampling else np.full(len(scores), .5)
-      accuracy_N = np.where(np.repeat(np.asarray(p.valid_B), G), accuracy_N, 0.0)
-      accumulator.add({"try": np.full(len(scores), len(drawn)), "row": np.arange(len(scores))}, accuracy_N)
-      drawn.append((batch, rolls, texts, scores))
-    kept, ds_stats = accumulator.result()
-    keep_rows = [np.zeros(len(d[3]), bool) for d in drawn]
-    for t, r in zip(kept["try"], kept["row"]):
-      keep_rows[t][r] = True
+      # ---- sample and reward, with DAPO's dynamic sampling: draw prompt batches until enough informative groups
+      draws = cfg.algo.minibatches * cfg.algo.micro_batches  # drawn batches per step without dynamic sampling
+      target = cfg.data.prompts_per_batch * draws
+      low, high = (cfg.algo.ds_low, cfg.algo.ds_high) if cfg.algo.dynamic_sampling else (-1.0, 2.0)
+      accumulator = dynamic_sampling.DynamicBatch(
+          target_groups=target, group_size=G, low=low, high=high,
+          max_tries=max(cfg.algo.ds_max_tries * cfg.algo.micro_batches, draws) if cfg.algo.dynamic_sampling
+          else draws)
+      drawn = []
+      while not accumulator.done:
+        batch = next(data_iter)
+        key, sample_key = jax.random.split(key)
+        ts = time.time()
+        p = batch.prompts
+        rolls = hosts.fetch(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
+                                            attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
+                                            deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
+                                            mesh=mesh if batch_axes else None, data_axes=batch_axes))
+        times["sample"] += time.time() - ts
+        ts = time.time()
+        texts = builders.decode_completions(tokenizer, rolls.tokens_BT, rolls.mask_BT, prefill=fmt.prefill)
+        scores = [reward_fn(t, batch.answers[n // G], fmt=fmt) for n, t in enumerate(texts)]
+        times["reward"] += time.time() - ts
+        # Filler rows of a short batch never count as kept groups.
+        accuracy_N = (np.asarray([s["accuracy"] for s in scores]) if cfg.algo.dynamic_sampling
+                      else np.full(len(scores), .5))
+        accuracy_N = np.where(np.repeat(np.asarray(p.valid_B), G), accuracy_N, 0.0)
+        accumulator.add({"try": np.full(len(scores), len(drawn)), "row": np.arange(len(scores))}, accuracy_N)
+        drawn.append((batch, rolls, texts, scores))
+      kept, ds_stats = accumulator.result()
+      keep_rows = [np.zeros(len(d[3]), bool) for d in drawn]
+      for t, r in zip(kept["try"], kept["row"]):
+        keep_rows[t][r] = True
 
-    # ---- score (old policy), advantages, credit: one micro-batch per drawn prompt batch
-    ts = time.time()
-    prepared, palr_skipped = [], 0
-    for draw, ((batch, rolls, texts, scores), keep_N) in enumerate(zip(drawn, keep_rows)):
-      if not keep_N.any():
-        continue
-      prompt = place(credit.as_prompt_inputs(batch.prompts))
-      tokens_NT = place(jnp.asarray(rolls.tokens_BT))
-      kept_mask_NT = np.asarray(rolls.mask_BT) & keep_N[:, None]
-      mask_NT = place(jnp.asarray(kept_mask_NT))
-      if uses_rl:
-        logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
+      # ---- score (old policy), advantages, credit: one micro-batch per drawn prompt batch
+      ts = time.time()
+      prepared, palr_skipped = [], 0
+      for draw, ((batch, rolls, texts, scores), keep_N) in enumerate(zip(drawn, keep_rows)):
+        if not keep_N.any():
+          continue
+        prompt = place(credit.as_prompt_inputs(batch.prompts))
+        tokens_NT = place(jnp.asarray(rolls.tokens_BT))
+        kept_mask_NT = np.asarray(rolls.mask_BT) & keep_N[:, None]
+        mask_NT = place(jnp.asarray(kept_mask_NT))
+        if uses_rl:
+          logp_old, entropy = score(state.params, state.graphdef, prompt, tokens_NT, mask_NT, G)
+        else:
+          logp_old = entropy = jnp.zeros(mask_NT.shape, jnp.float32)
+        logp_ref = (score(ref_params, state.graphdef, prompt, tokens_NT, mask_NT, G)[0] if ref_params is not None
+                    else jnp.zeros_like(logp_old))
+        rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
+        adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=estimator),
+                                             mask_NT)
+        mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT, answers=batch.answers)
+        prepared.append(dict(draw=draw, prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old,
+                             logp_ref=logp_ref, entropy=entropy,
+                             adv=adv_NT, mb=mb,
+                             scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
+                             answers=batch.answers))
+        if distilling:  # the frozen teachers' pass on these rollouts, once for all epochs
+          contexts_in = {"real": prompt, **{v: place(credit.counterfactual_inputs(batch.prompts, v))
+                                            for v in distill_cfs + contexts}}
+          # PALR swaps images between prompts: only where every prompt holds one image of one grid.
+          patches = distill.uniform_image_patches(batch.prompts) if cfg.distill.palr else 0
+          palr_skipped += int(cfg.distill.palr and not patches)
+          spans = place(vigos_spans(rolls.tokens_BT, kept_mask_NT)) if vigos_spans else None
+          prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT,
+                                                                         spans, image_patches=patches))
+      credit_metrics, dep_map = {}, None
+      if prepared and uses_rl:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps
+        advs, credit_metrics, dep_map = credit_fn(state, [d["mb"] for d in prepared], [d["logp_old"] for d in prepared],
+                                                  [d["adv"] for d in prepared])
+        for d, adv_NT in zip(prepared, advs):
+          d["adv"] = adv_NT
+      times["score"] = time.time() - ts
+
+      # ---- update: epochs x minibatches, micro-batches accumulated into each update
+      ts = time.time()
+      step_metrics = []
+      if prepared:
+        chunks = np.array_split(np.arange(len(prepared)), min(cfg.algo.minibatches, len(prepared)))
+        for _ in range(cfg.algo.epochs):
+          for chunk in chunks:
+            parts = [prepared[i] for i in chunk]
+            weights = update.micro_weights([d["mask"] for d in parts], loss_cfg.aggregation)
+            micro = tuple(update.PolicyBatch(d["prompt"], d["tokens"], d["mask"], d["logp_old"], d["adv"],
+                                             d["logp_ref"], jnp.asarray(w, jnp.float32))
+                          for d, w in zip(parts, weights))
+            if distilling:
+              norms = distill.step_normalizers(cfg.distill.method, cfg.distill, [d["mask"] for d in parts],
+                                               [d["teacher"] for d in parts])
+              micro = tuple(distill.DistillBatch(prompt=d["prompt"], prompt_text=d["contexts"].get("no_image"),
+                                                 tokens_NT=d["tokens"], mask_NT=d["mask"], teacher=d["teacher"],
+                                                 policy=pb if uses_rl else None, **n)
+                            for d, pb, n in zip(parts, micro, norms))
+              if probe is not None:
+                probe(state, teacher, micro)
+              state, m = distill_step(state, teacher, micro)
+            else:
+              state, m = policy_step(state, micro)
+            step_metrics.append(hosts.fetch(m))
       else:
-        logp_old = entropy = jnp.zeros(mask_NT.shape, jnp.float32)
-      logp_ref = (score(ref_params, state.graphdef, prompt, tokens_NT, mask_NT, G)[0] if ref_params is not None
-                  else jnp.zeros_like(logp_old))
-      rewards_N = jnp.asarray([s["overall"] for s in scores], jnp.float32)
-      adv_NT = adv_lib.broadcast_to_tokens(adv_lib.group_advantages(rewards_N, G, estimator=estimator),
-                                           mask_NT)
-      mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=tokens_NT, mask_NT=mask_NT, answers=batch.answers)
-      prepared.append(dict(draw=draw, prompt=prompt, tokens=tokens_NT, mask=mask_NT, logp_old=logp_old, logp_ref=logp_ref,
-                           entropy=entropy,
-                           adv=adv_NT, mb=mb,
-                           scores=[s for s, k in zip(scores, keep_N) if k], texts=texts, keep=keep_N,
-                           answers=batch.answers))
-      if distilling:  # the frozen teachers' pass on these rollouts, once for all epochs
-        contexts_in = {"real": prompt, **{v: place(credit.counterfactual_inputs(batch.prompts, v))
-                                          for v in distill_cfs + contexts}}
-        # PALR swaps images between prompts: only where every prompt holds one image of one grid.
-        patches = distill.uniform_image_patches(batch.prompts) if cfg.distill.palr else 0
-        palr_skipped += int(cfg.distill.palr and not patches)
-        spans = place(vigos_spans(rolls.tokens_BT, kept_mask_NT)) if vigos_spans else None
-        prepared[-1].update(contexts=contexts_in, teacher=teacher_pass(teacher, contexts_in, tokens_NT, mask_NT, spans,
-                                                                       image_patches=patches))
-    credit_metrics, dep_map = {}, None
-    if prepared and uses_rl:  # credit over the whole rollout batch: PACR / PDCR pool every micro-batch's steps
-      advs, credit_metrics, dep_map = credit_fn(state, [d["mb"] for d in prepared], [d["logp_old"] for d in prepared],
-                                                [d["adv"] for d in prepared])
-      for d, adv_NT in zip(prepared, advs):
-        d["adv"] = adv_NT
-    times["score"] = time.time() - ts
+        log.warning("step %d: no informative group was sampled; no update", step)
+      times["update"] = time.time() - ts
+      for m in step_metrics:  # the optimizer guard's verdicts: each skipped update is named, a run of them stops
+        reason = int(m["update_skip_reason"])
+        skipped_in_a_row = skipped_in_a_row + 1 if reason else 0
+        if reason:
+          log.warning("step %d: update skipped (%s); %d in a row, the run stops at %d", step,
+                      optim.SKIP_REASONS[reason], skipped_in_a_row, cfg.train.max_skipped_updates)
 
-    # ---- update: epochs x minibatches, micro-batches accumulated into each update
-    ts = time.time()
-    step_metrics = []
-    if prepared:
-      chunks = np.array_split(np.arange(len(prepared)), min(cfg.algo.minibatches, len(prepared)))
-      for _ in range(cfg.algo.epochs):
-        for chunk in chunks:
-          parts = [prepared[i] for i in chunk]
-          weights = update.micro_weights([d["mask"] for d in parts], loss_cfg.aggregation)
-          micro = tuple(update.PolicyBatch(d["prompt"], d["tokens"], d["mask"], d["logp_old"], d["adv"],
-                                           d["logp_ref"], jnp.asarray(w, jnp.float32))
-                        for d, w in zip(parts, weights))
-          if distilling:
-            norms = distill.step_normalizers(cfg.distill.method, cfg.distill, [d["mask"] for d in parts],
-                                             [d["teacher"] for d in parts])
-            micro = tuple(distill.DistillBatch(prompt=d["prompt"], prompt_text=d["contexts"].get("no_image"),
-                                               tokens_NT=d["tokens"], mask_NT=d["mask"], teacher=d["teacher"],
-                                               policy=pb if uses_rl else None, **n)
-                          for d, pb, n in zip(parts, micro, norms))
-            if probe is not None:
-              probe(state, teacher, micro)
-            state, m = distill_step(state, teacher, micro)
-          else:
-            state, m = policy_step(state, micro)
-          step_metrics.append(hosts.fetch(m))
-    else:
-      log.warning("step %d: no informative group was sampled; no update", step)
-    times["update"] = time.time() - ts
-    for m in step_metrics:  # the optimizer guard's verdicts: each skipped update is named, a run of them stops
-      reason = int(m["update_skip_reason"])
-      skipped_in_a_row = skipped_in_a_row + 1 if reason else 0
-      if reason:
-        log.warning("step %d: update skipped (%s); %d in a row, the run stops at %d", step,
-                    optim.SKIP_REASONS[reason], skipped_in_a_row, cfg.train.max_skipped_updates)
+      # ---- metrics
+      keys = dict.fromkeys(k for m in step_metrics for k in m)  # PALR parts are missing from skipped updates
+      agg = {k: float(np.mean([m[k] for m in step_metrics if k in m])) for k in keys}
+      if cfg.distill.palr:  # sum_t S_t A_t / sum_t S_t (A_t + I_t) over the step (vigos.palr, methods.md 4.2)
+        agg["palr"] = agg["palr/num"] / max(agg["palr/den"], 1e-12) if "palr/num" in agg else float("nan")
+        agg["palr/skipped_batches"] = float(palr_skipped)
+      all_scores = [s for d in drawn for s in d[3]]
+      for name in all_scores[0]:
+        agg[f"reward/{name}"] = float(np.mean([s[name] for s in all_scores]))
+      lengths = np.concatenate([np.asarray(d[1].lengths_B) for d in drawn])
+      agg["response_length"] = float(lengths.mean())
+      if prepared and uses_rl:
+        adv_all = np.concatenate([hosts.to_numpy(d["adv"])[hosts.to_numpy(d["mask"]) > 0] for d in prepared])
+        agg["adv/mean"], agg["adv/std"] = float(adv_all.mean()), float(adv_all.std())
+        agg["adv/abs_max"] = float(np.abs(adv_all).max()) if adv_all.size else 0.0
+        agg.update(credit_metrics)
+      agg.update({f"dynamic_sampling/{k}": float(v) for k, v in dataclasses.asdict(ds_stats).items()})
+      agg.update({f"time/{k}": v for k, v in times.items()})
+      agg["time/step"] = time.time() - t0
+      agg["tokens_per_s"] = float(lengths.sum()) / max(times["sample"], 1e-9)
+      agg["skipped_updates"] = float(hosts.fetch(state.skipped))
+      agg.update({f"data/skipped/{reason}": float(n) for reason, n in data_iter.skipped.items()})  # cumulative
+      if "dependency/mean_image_prompts" in agg and guard.update(agg["dependency/mean_image_prompts"]):
+        agg["dependency/guard_fired"] = 1.0
+      reward_curve.append(agg["reward/overall"])
+      dep_map = dep_map or {}
+      writer.write(step, agg,
+                   histograms={f"dependency/{k}": v for k, v in dep_map.items() if not k.startswith("rows/")})
+      writer.write_samples(step, sample_rollouts(tokenizer, drawn, prepared, dep_map, G, cfg.train.samples_logged))
+      progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
+      if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+        writer.write(step, {"eval/accuracy": evaluate_now(state)})
 
-    # ---- metrics
-    keys = dict.fromkeys(k for m in step_metrics for k in m)  # PALR parts are missing from skipped updates
-    agg = {k: float(np.mean([m[k] for m in step_metrics if k in m])) for k in keys}
-    if cfg.distill.palr:  # sum_t S_t A_t / sum_t S_t (A_t + I_t) over the step (vigos.palr, methods.md 4.2)
-      agg["palr"] = agg["palr/num"] / max(agg["palr/den"], 1e-12) if "palr/num" in agg else float("nan")
-      agg["palr/skipped_batches"] = float(palr_skipped)
-    all_scores = [s for d in drawn for s in d[3]]
-    for name in all_scores[0]:
-      agg[f"reward/{name}"] = float(np.mean([s[name] for s in all_scores]))
-    lengths = np.concatenate([np.asarray(d[1].lengths_B) for d in drawn])
-    agg["response_length"] = float(lengths.mean())
-    if prepared and uses_rl:
-      adv_all = np.concatenate([hosts.to_numpy(d["adv"])[hosts.to_numpy(d["mask"]) > 0] for d in prepared])
-      agg["adv/mean"], agg["adv/std"] = float(adv_all.mean()), float(adv_all.std())
-      agg["adv/abs_max"] = float(np.abs(adv_all).max()) if adv_all.size else 0.0
-      agg.update(credit_metrics)
-    agg.update({f"dynamic_sampling/{k}": float(v) for k, v in dataclasses.asdict(ds_stats).items()})
-    agg.update({f"time/{k}": v for k, v in times.items()})
-    agg["time/step"] = time.time() - t0
-    agg["tokens_per_s"] = float(lengths.sum()) / max(times["sample"], 1e-9)
-    agg["skipped_updates"] = float(hosts.fetch(state.skipped))
-    if "dependency/mean_image_prompts" in agg and guard.update(agg["dependency/mean_image_prompts"]):
-      agg["dependency/guard_fired"] = 1.0
-    reward_curve.append(agg["reward/overall"])
-    dep_map = dep_map or {}
-    writer.write(step, agg, histograms={f"dependency/{k}": v for k, v in dep_map.items() if not k.startswith("rows/")})
-    writer.write_samples(step, sample_rollouts(tokenizer, drawn, prepared, dep_map, G, cfg.train.samples_logged))
-    progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
-    if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-      writer.write(step, {"eval/accuracy": evaluate_now(state)})
+      if skipped_in_a_row >= cfg.train.max_skipped_updates:
+        ckpt.close()
+        raise TrainingDiverged(
+            f"step {step}: {skipped_in_a_row} updates in a row were skipped ({optim.SKIP_REASONS[reason]}); the run "
+            f"stops (train.max_skipped_updates={cfg.train.max_skipped_updates}). The last good checkpoint is step "
+            f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data")
 
-    if skipped_in_a_row >= cfg.train.max_skipped_updates:
-      ckpt.close()
-      raise TrainingDiverged(
-          f"step {step}: {skipped_in_a_row} updates in a row were skipped ({optim.SKIP_REASONS[reason]}); the run "
-          f"stops (train.max_skipped_updates={cfg.train.max_skipped_updates}). The last good checkpoint is step "
-          f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data")
-
-    # ---- checkpoint (asynchronous); on SIGTERM (preemption, maintenance) save now and leave
-    preempted = checkpoint.should_stop(stop)
-    run_info = {"config": config_lib.to_dict(cfg), "accuracy_before": acc_before, "reward_curve": reward_curve,
-                "white_accuracy_before": white_before}
-    ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=run_info, force=preempted)
-    if preempted:
-      ckpt.close()
-      log.warning("stopped by a signal after step %d; the checkpoint is in %s", step, ckpt.directory)
-      sys.exit(0)
+      # ---- checkpoint (asynchronous; a failed earlier save stops the run here); on SIGTERM (preemption,
+      # maintenance) or Ctrl-C save now and leave
+      preempted = checkpoint.should_stop(stop)
+      run_info = {"config": config_lib.to_dict(cfg), "accuracy_before": acc_before, "reward_curve": reward_curve,
+                  "white_accuracy_before": white_before}
+      ckpt.save(step, state, rng=key, data_state=data_iter.get_state(), config=run_info, force=preempted)
+      if preempted:
+        ckpt.close()
+        signum = stop.signum or signal.SIGTERM  # another process's signal: SIGTERM (preemption)
+        log.warning("stopped by a signal (%s) after step %d; the checkpoint is in %s: run the same command to resume",
+                    signal.Signals(signum).name, step, ckpt.directory)
+        sys.exit(128 + signum)
+  finally:
+    stop.uninstall()
   progress.close()
   ckpt.close()
 

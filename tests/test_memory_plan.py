@@ -138,3 +138,26 @@ def test_docstring_table_is_current():
 def test_plan_needs_three_positive_sizes(mesh):
   with pytest.raises(ValueError, match="three positive sizes"):
     memory_plan.mesh_dict(mesh)
+
+
+def test_command_line_help_units_and_fit_marks():
+  """`--help` is argparse's help, not the table; the table states GiB and marks the plans a device cannot hold."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "jaxvg.memory_plan", *args], cwd=root, capture_output=True,
+                                     text=True, timeout=300)
+  helped = run("--help")
+  assert helped.returncode == 0 and helped.stdout.startswith("usage:") and "| model |" not in helped.stdout
+  table = run()
+  assert table.returncode == 0, table.stderr
+  lines = table.stdout.strip().splitlines()
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert header[2] == "HBM GiB" and header[-2] == "total GiB" and header[-1] == "fits"
+  rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+  assert len(rows) == len(memory_plan.ROWS)
+  for row in rows:  # the mark follows the numbers: total per device against the device's HBM
+    assert row[-1] == ("yes" if float(row[-2]) <= float(row[2]) else "**does not fit**"), row
+  unfit = [row[:5] + row[-2:] for row in rows if row[-1] != "yes"]
+  assert unfit == [["7B", "TPU v5e-8", "16", "(1, 8, 1)", "f32", "18.38", "**does not fit**"]]

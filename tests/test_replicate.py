@@ -49,11 +49,17 @@ def test_plan_shares_the_warm_start_and_checks_the_budget(tmp_path):
   assert grpo0["overrides"] == ["algo.name=grpo", "algo.dynamic_sampling=false", "rollout.max_new_tokens=16",
                                 "train.seed=0", "train.steps=5", f"train.out_dir={tmp_path / 'grpo' / 'seed0'}"]
   assert runs[5]["out_dir"] == str(tmp_path / "pgpo_dapo" / "seed1")
+  assert {r["eval_prompts"] for r in runs} == {512}  # the default: every run scores the same 512 prompts per split
   assert len({r["warm_dir"] for r in runs}) == 1  # the warm start ignores algo, credit, seed and steps
   warm = replicate.warm_start_specs(runs)
   assert len(warm) == 1 and warm[0]["out_dir"] == runs[0]["warm_dir"]
   assert warm[0]["overrides"][-1] == f"train.out_dir={runs[0]['warm_dir']}"
   assert sum(o.startswith("train.out_dir=") for o in warm[0]["overrides"]) == 1
+  assert warm[0]["eval_prompts"] == 512
+  fewer = replicate.plan_runs(methods, seeds=1, steps=5, common=[], out_dir=str(tmp_path), eval_prompts=64)
+  assert {r["eval_prompts"] for r in fewer + replicate.warm_start_specs(fewer)} == {64}
+  with pytest.raises(ValueError, match="--eval-prompts must be >= 1"):
+    replicate.plan_runs(methods, seeds=1, steps=5, common=[], out_dir=str(tmp_path), eval_prompts=0)
   # a change to the data section is a different warm start
   other = replicate.plan_runs(methods[:1], seeds=1, steps=5, common=["data.image_size=112"], out_dir=str(tmp_path))
   assert other[0]["warm_dir"] != runs[0]["warm_dir"]
@@ -96,55 +102,113 @@ def test_mean_spread_by_hand():
   assert all(math.isnan(x) for x in replicate.mean_spread([]))
 
 
-def _result(method, seed, after, **kw):
+IDS = ("p0", "p1", "p2", "p3")
+
+
+def _entry(scores, ids=IDS):
+  return None if scores is None else {"ids": list(ids), "scores": [float(x) for x in scores]}
+
+
+def _result(method, seed, test, prior=None, white=None, *, ids=IDS, **kw):
+  """A run's result by hand: per-prompt scores (prior-conflict: the held-out ones unless given) and metrics."""
   base = {f: float("nan") for f in replicate.FIELDS}
-  base.update(accuracy_before=0.1, accuracy_after=after, tokens_per_s=1000.0 + seed, step_time=2.0)
-  base.update(kw)
-  return {"spec": {"method": method, "seed": seed}, **base}
+  base.update(tokens_per_s=1000.0 + seed, step_time=2.0, **kw)
+  per_prompt = {"test": _entry(test, ids), "prior_conflict": _entry(test if prior is None else prior, ids),
+                "white": _entry(white, ids)}
+  return {"spec": {"method": method, "seed": seed}, **base, "per_prompt": per_prompt}
 
 
-def test_aggregate_groups_by_method_in_order():
-  results = [_result("GRPO", 0, 0.30), _result("DAPO", 0, 0.50), _result("GRPO", 1, 0.40), _result("DAPO", 1, 0.70)]
+def test_aggregate_groups_by_method_and_stacks_the_seeds_in_order():
+  results = [_result("GRPO", 1, [0, 1, 1, 0]), _result("DAPO", 0, [1, 1, 1, 1], white=[0, 0, 0, 1]),
+             _result("GRPO", 0, [1, 0, 0, 0]), _result("DAPO", 1, [0, 0, 1, 1], white=[1, 0, 0, 0])]
   summary = replicate.aggregate(results)
   assert list(summary) == ["GRPO", "DAPO"]
   assert summary["GRPO"]["seeds"] == 2
-  assert summary["GRPO"]["accuracy_after"] == pytest.approx((0.35, math.sqrt(0.005)))  # (0.05^2 * 2) / 1
-  assert summary["DAPO"]["accuracy_after"] == pytest.approx((0.60, math.sqrt(0.02)))
+  grpo = summary["GRPO"]["test"]
+  assert grpo.seeds == (0, 1) and grpo.ids == IDS  # rows in seed order, whatever order the results came in
+  assert grpo.scores_SP.tolist() == [[1, 0, 0, 0], [0, 1, 1, 0]]
+  assert summary["DAPO"]["white"].scores_SP.tolist() == [[0, 0, 0, 1], [1, 0, 0, 0]]
+  assert summary["GRPO"]["white"] is None  # a run without white-image scores: none for the method
   assert summary["DAPO"]["tokens_per_s"] == pytest.approx((1000.5, math.sqrt(0.5)))
   assert all(math.isnan(x) for x in summary["GRPO"]["dependency_auroc"])
+  with pytest.raises(ValueError, match="the seeds of GRPO were scored on different test prompts"):
+    replicate.aggregate([_result("GRPO", 0, [1, 0, 0, 0]), _result("GRPO", 1, [1, 0, 0, 0], ids="abcd")])
 
 
-def test_verdicts_on_hand_made_summaries():
-  def row(mean, spread):
-    return {"seeds": 3, "accuracy_after": (mean, spread)}
-  summary = {"GRPO": row(0.40, 0.02), "DAPO": row(0.38, 0.01), "PGPO-GRPO": row(0.43, 0.05),
-             "PGPO-DAPO": row(0.50, 0.01), "PDCR": row(0.9, 0.0), "VGS": row(float("nan"), float("nan"))}
-  baselines = {"GRPO": None, "DAPO": "GRPO", "PGPO-GRPO": "GRPO", "PGPO-DAPO": "DAPO", "PDCR": "PACR", "VGS": "GRPO"}
-  got = replicate.verdicts(summary, baselines)
-  # DAPO: 0.38 - 0.40 < 0. PGPO-GRPO: 0.03 above, within the larger spread 0.05. PGPO-DAPO: 0.12 above the larger
-  # spread 0.01 (it beats: no sentence). PDCR: its baseline PACR was not run (no sentence). VGS: nothing to compare.
-  assert got == [
-      "DAPO does not beat its baseline GRPO: held-out accuracy 0.380 ± 0.010 against 0.400 ± 0.020.",
-      "PGPO-GRPO does not beat its baseline GRPO beyond the spread over seeds: held-out accuracy 0.430 ± 0.050 "
-      "against 0.400 ± 0.020, a gain of 0.030 within ± 0.050.",
-      "VGS cannot be compared with its baseline GRPO: a held-out accuracy is missing.",
-  ]
-  # A tie does not beat; a single seed (spread 0) beats with any gain.
-  assert replicate.verdicts({"A": row(0.5, 0.0), "B": row(0.5, 0.0)}, {"A": None, "B": "A"})[0].startswith(
-      "B does not beat its baseline A:")
-  assert replicate.verdicts({"A": row(0.5, 0.0), "B": row(0.501, 0.0)}, {"A": None, "B": "A"}) == []
+def test_compare_pairs_the_common_seeds_on_the_same_prompts():
+  results = [_result("GRPO", s, row) for s, row in enumerate([[0, 0, 1, 0], [0, 1, 0, 1], [1, 1, 1, 1]])]
+  results += [_result("DAPO", 1, [0, 1, 1, 1], prior=[1, 1, 1, 1]), _result("DAPO", 0, [1, 0, 1, 1], prior=[1] * 4),
+              _result("PGPO-GRPO", 0, [1, 1, 1, 1], ids="abcd"), _result("OPD", 5, [1, 1, 1, 1]),
+              _result("PDCR", 0, [1, 1, 1, 1]), {**_result("VGS", 0, [1] * 4), "per_prompt": dict.fromkeys(
+                  replicate.SPLITS)}]
+  baselines = {"GRPO": None, "DAPO": "GRPO", "PGPO-GRPO": "GRPO", "OPD": "GRPO", "PDCR": "PACR", "VGS": "GRPO"}
+  got = {c.method: c for c in replicate.compare(replicate.aggregate(results), baselines, split="test")}
+  assert list(got) == ["DAPO", "PGPO-GRPO", "OPD", "PDCR", "VGS"]
+  dapo = got["DAPO"]
+  # Seeds 0 and 1 (GRPO's seed 2 has no partner): differences [[1, 0, 0, 1], [0, 0, 1, 0]], mean 3 / 8; per prompt
+  # [.5, 0, .5, .5], sd .25 (ddof 1). The MDD is 1.960 + 0.842 = 2.802 bootstrap SEs.
+  assert (dapo.baseline, dapo.seeds, dapo.prompts) == ("GRPO", 2, 4)
+  assert dapo.diff.mean == pytest.approx(0.375) and dapo.diff.sd_prompt == pytest.approx(0.25)
+  assert dapo.mdd == pytest.approx(2.801585 * dapo.diff.se, rel=1e-5)
+  assert got["PGPO-GRPO"].diff is None and got["PGPO-GRPO"].why == "it and GRPO were scored on different prompts"
+  assert got["OPD"].why == "no seed in common with GRPO"
+  assert got["PDCR"].why == "its baseline PACR was not run"
+  assert got["VGS"].why == "no per-prompt scores" and math.isnan(got["VGS"].mdd)
+  # The prior-conflict split: DAPO 1 everywhere against GRPO's [[0, 0, 1, 0], [0, 1, 0, 1]]: 5 of 8 cells gained.
+  prior = replicate.compare(replicate.aggregate(results), baselines, split="prior_conflict")[0]
+  assert prior.method == "DAPO" and prior.diff.mean == pytest.approx(5 / 8)
+
+
+def _comparison(a_SP, b_SP):
+  summary = replicate.aggregate([_result(m, s, row, ids=[f"p{i}" for i in range(len(row))])
+                                 for m, x in (("A", a_SP), ("B", b_SP)) for s, row in enumerate(x)])
+  return replicate.compare(summary, {"A": "B", "B": None}, split="test")
+
+
+def test_power_sentence_says_whether_the_mdd_reaches_the_target():
+  # A constant difference: every bootstrap replicate agrees, the MDD is 0.
+  same = _comparison(np.full((2, 4), 0.75), np.full((2, 4), 0.25))
+  assert replicate.power_sentence(same, "Held-out") == (
+      "Held-out: the largest minimum detectable difference over the 1 comparison(s) is 0.000 (A against B), <= 0.05: "
+      "every comparison would detect a true difference of 0.05 with 80 % power.")
+  # Four prompts: far from 0.05, and the prompts are what is missing; per-prompt SD .25 -> (2.801585 x .25 / .05)^2
+  # = 196.2 -> 197 prompts.
+  few = _comparison([[1, 0, 1, 1], [0, 1, 1, 1]], [[0, 0, 1, 0], [0, 1, 0, 1]])
+  text = replicate.power_sentence(few, "Held-out")
+  assert text.startswith(f"Held-out: the largest minimum detectable difference over the 1 comparison(s) is "
+                         f"{few[0].mdd:.3f} (A against B), above 0.05: this run cannot promise")
+  assert text.endswith("(0.250), the prompts alone would reach 0.05 with about 197 prompts: score more "
+                       "(--eval-prompts); the part from the spread between seeds falls only with more seeds.")
+  # 400 prompts whose difference is +0.3 under seed 0 and -0.3 under seed 1, give or take 0.1 per prompt: the prompt
+  # part (SD 0.1 * sqrt(400 / 399) = 0.10013 -> (2.801585 x 0.10013 / 0.05)^2 = 31.5 -> 32 prompts) is small, the
+  # seeds' spread is not: a bootstrap SE of sqrt(var0([.3, -.3]) / 2) = 0.212, an MDD near 2.8016 x 0.212 = 0.594.
+  pattern_P = np.resize([0.1, -0.1], 400)
+  a_SP = 0.5 + np.stack([0.3 + pattern_P, -0.3 + pattern_P])
+  seedy = _comparison(a_SP, np.full((2, 400), 0.5))
+  assert seedy[0].mdd == pytest.approx(2.801585 * math.sqrt(0.09 / 2), rel=0.05)
+  assert replicate.power_sentence(seedy, "Held-out").endswith(
+      "(0.100), the prompts alone would reach 0.05 with about 32 prompts, and 400 were scored: the rest is the spread "
+      "between seeds (with the share of the seed x prompt noise that the bootstrap counts there), which only more "
+      "seeds reduce.")
+  assert replicate.power_sentence([replicate.Comparison("A", "B", why="its baseline B was not run")],
+                                  "Prior-conflict") == "Prior-conflict: no comparison was made."
 
 
 def test_render_results_table():
-  results = [_result("GRPO", 0, 0.30), _result("GRPO", 1, 0.40), _result("DAPO", 0, 0.20, prior_conflict_after=0.25)]
-  warm = [{"spec": {"out_dir": "/x/warm_start/abc"}, "accuracy": 0.125, "prior_conflict": 0.0625,
-           "methods": ["GRPO", "DAPO", "GRPO"]}]
+  # Constant (fractional, e.g. avg@k) scores make every bootstrap replicate equal: the intervals are exact.
+  results = [_result("GRPO", s, [0.25] * 4, prior=[0.5] * 4) for s in (0, 1)]
+  results += [_result("DAPO", s, [0.75] * 4, prior=[0.25] * 4, white=[0.125] * 4) for s in (0, 1)]
+  results += [_result("PDCR", 0, [1, 0, 1, 1])]
+  warm = [{"spec": {"out_dir": "/x/warm_start/abc"}, "methods": ["GRPO", "DAPO", "GRPO"],
+           "per_prompt": {"test": _entry([1, 0, 0, 0]), "prior_conflict": _entry([0, 0, 0, 0]), "white": None}}]
   methods = [replicate.Method("GRPO", "demo.py", ("algo.name=grpo", "x.y=1")),
-             replicate.Method("DAPO", "demo.py", (), baseline="GRPO")]
+             replicate.Method("DAPO", "demo.py", (), baseline="GRPO"),
+             replicate.Method("PDCR", "demo.py", (), baseline="PACR")]
+  budget = {"steps": 20, "prompts_per_batch": 8, "group_size": 8, "max_new_tokens": 96}
   text = replicate.render_results(
       replicate.aggregate(results), methods=methods, warm=warm,
-      budgets={"GRPO": {"steps": 20, "prompts_per_batch": 8, "group_size": 8, "max_new_tokens": 96},
-               "DAPO": {"steps": 20, "prompts_per_batch": 4, "group_size": 16, "max_new_tokens": 128}},
+      budgets={"GRPO": budget, "DAPO": {**budget, "prompts_per_batch": 4, "group_size": 16, "max_new_tokens": 128},
+               "PDCR": budget},
       command="python -m jaxvg.replicate --seeds 2", machine="a test machine", date="2030-01-02", wall_s=3725.0,
       jobs_s=7199.6)
   lines = text.splitlines()
@@ -153,17 +217,28 @@ def test_render_results_table():
                       "(the warm start and run processes took 2:00:00 in all, summed over parallel jobs and earlier "
                       "invocations whose runs were reused).")
   assert "Budget per run: 20 RL steps x 64 rollouts (prompts x samples per prompt, per method below)" in text
-  assert ("| GRPO | - | 2 | 0.100 ± 0.000 | 0.350 ± 0.071 | n/a | 1000 ± 1 | 2.00 ± 0.00 | n/a | n/a | n/a |"
+  assert "scored prompt by prompt on 4 prompts per split" in text
+  header = "| method | seeds | held-out acc. | prior-conflict acc. | white-image acc. (control) |"
+  assert lines[lines.index(header) + 2:lines.index(header) + 4] == [
+      "| GRPO | 2 | 0.250 [0.250, 0.250] | 0.500 [0.500, 0.500] | n/a |",
+      "| DAPO | 2 | 0.750 [0.750, 0.750] | 0.250 [0.250, 0.250] | 0.125 [0.125, 0.125] |"]
+  # DAPO - GRPO: +0.5 held-out everywhere, -0.25 prior-conflict everywhere.
+  assert ("| DAPO | GRPO | 2 | +0.500 [+0.500, +0.500] | better | 0.000 | -0.250 [-0.250, -0.250] | worse | 0.000 |"
           in lines)
-  assert ("| DAPO | GRPO | 1 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.250 ± 0.000 | 1000 ± 0 | 2.00 ± 0.00 | n/a | n/a "
-          "| n/a |") in lines
-  assert "- DAPO does not beat its baseline GRPO: held-out accuracy 0.200 ± 0.000 against 0.350 ± 0.071." in lines
-  assert "- W1 (`abc`, used by DAPO, GRPO): held-out accuracy 0.125, prior-conflict accuracy 0.062." in lines
+  assert ("| PDCR | PACR | n/a | n/a | not compared: its baseline PACR was not run | n/a | n/a | not compared: its "
+          "baseline PACR was not run | n/a |") in lines
+  assert lines[lines.index("| method | baseline | seeds paired | held-out diff. | held-out verdict | held-out MDD | "
+                           "prior-conflict diff. | prior-conflict verdict | prior-conflict MDD |") + 1].count("|") == 10
+  assert any(line.startswith("- Held-out: the largest minimum detectable difference over the 1 comparison(s) is "
+                             "0.000 (DAPO against GRPO), <= 0.05") for line in lines)
+  assert any(line.startswith("- Prior-conflict: the largest minimum detectable difference") for line in lines)
+  assert "| GRPO | 2 | 1000 ± 1 | 2.00 ± 0.00 | n/a | n/a | n/a |" in lines
+  # The warm start's one row [1, 0, 0, 0]: a resample of 4 prompts holds k ~ Binomial(4, 1/4) right answers;
+  # P(k = 0) = 0.32 > 0.025 and P(k <= 2) = 0.95 < 0.975 <= P(k <= 3): the interval is [0, 3 / 4].
+  assert ("- W1 (`abc`, used by DAPO, GRPO): held-out accuracy 0.250 [0.000, 0.750], prior-conflict "
+          "0.000 [0.000, 0.000], white-image n/a.") in lines
   assert "| GRPO | configs/demo.py | algo.name=grpo, x.y=1 | 8 x 8 | 96 |" in lines
   assert "| DAPO | configs/demo.py |  | 4 x 16 | 128 |" in lines
-  assert lines[lines.index("| method | baseline | seeds | held-out acc. before | held-out acc. after | prior-conflict "
-                           "acc. after | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |")
-               + 1].count("|") == 12
 
 
 def test_summarize_metrics_by_hand():
@@ -259,9 +334,9 @@ def test_ema_by_hand_and_against_a_loop():
 
 @pytest.mark.slow
 def test_driver_end_to_end_two_methods_one_seed(tmp_path):
-  out, results_md = tmp_path / "rep", tmp_path / "results.md"
+  out, results_md = tmp_path / "rep", tmp_path / "rep" / "results.md"  # the default page: <out>/results.md
   results = replicate.main(["--methods", "GRPO,DAPO", "--seeds", "1", "--steps", "2", "--out", str(out),
-                            "--results", str(results_md), "--jobs", "2", *MINI])
+                            "--eval-prompts", "2", "--jobs", "2", *MINI])
   assert [r["spec"]["method"] for r in results] == ["GRPO", "DAPO"]
   (warm_dir,) = {r["spec"]["warm_dir"] for r in results}
   assert os.listdir(os.path.join(warm_dir, "sft"))  # trained once, here
@@ -275,6 +350,16 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
     assert json.load(open(os.path.join(run_dir, "sft", "done.json"))) == \
         json.load(open(os.path.join(warm_dir, "sft", "done.json")))
     assert r["accuracy_before"] == warm["accuracy"]
+    # Per-prompt scores, 0/1, on the first --eval-prompts records of each split, in record order (the synthetic
+    # generator names record i of a split synthetic-<data seed>-<split>-<i>); white: the held-out records again.
+    seed = replicate._resolve(r["spec"]).data.seed
+    for entry in (r, warm):
+      pp = entry["per_prompt"]
+      assert pp["test"]["ids"] == pp["white"]["ids"] == [f"synthetic-{seed}-test-{i}" for i in range(2)]
+      assert pp["prior_conflict"]["ids"] == [f"synthetic-{seed}-prior_conflict-{i}" for i in range(2)]
+      assert all(x in (0.0, 1.0) for split in replicate.SPLITS for x in pp[split]["scores"])
+    # train.run's own evaluation after RL scored the same 2 held-out records (data.num_eval=2) with the same weights
+    assert np.mean(r["per_prompt"]["test"]["scores"]) == r["accuracy_after"] == r["heldout_after"]
     # tokens/s and step time as a naive reading of the log: the run's second RL step (the first compiles)
     (step1,) = [row for row in rows if row["step"] == 1 and "time/step" in row]
     assert r["tokens_per_s"] == step1["tokens_per_s"] and r["step_time"] == step1["time/step"]
@@ -289,12 +374,13 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
   assert grpo["rollouts"] == 2 * 2 * 2  # no dynamic sampling: 2 steps x 2 prompts x 2 samples
   assert dapo["rollouts"] >= grpo["rollouts"]
   text = results_md.read_text()
-  assert "| GRPO | - | 1 |" in text and "| DAPO | GRPO | 1 |" in text and "## Warm starts" in text
-  assert "used by DAPO, GRPO" in text
-  # A second call reuses the finished runs (same specs): nothing is trained again.
+  assert "| GRPO | 1 |" in text and "| DAPO | GRPO | 1 |" in text and "## Warm starts" in text
+  assert "used by DAPO, GRPO" in text and "on 2 prompts per split" in text
+  # A second call reuses the finished runs (same specs): nothing is trained again. --results names another page.
   stamp = os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns
   again = replicate.main(["--methods", "GRPO,DAPO", "--seeds", "1", "--steps", "2", "--out", str(out),
-                          "--results", str(results_md), *MINI])
+                          "--eval-prompts", "2", "--results", str(tmp_path / "page.md"), *MINI])
+  assert (tmp_path / "page.md").read_text().splitlines()[4:] == text.splitlines()[4:]  # all but command and time
   assert [(a["spec"], a["accuracy_after"], a["tokens_per_s"]) for a in again] == \
       [(r["spec"], r["accuracy_after"], r["tokens_per_s"]) for r in results]
   assert os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns == stamp
@@ -311,5 +397,11 @@ def test_a_failed_job_is_an_error_naming_it_and_its_log(tmp_path):
   # a result written for another spec is not reused
   (tmp_path / "grpo" / "seed0" / "run_result.json").write_text(json.dumps({"spec": {**spec, "seed": 1}}))
   assert replicate._done(spec) is None
+  # an older driver's result (no per-prompt scores) is run again, not mixed in: here the run fails again
   (tmp_path / "grpo" / "seed0" / "run_result.json").write_text(json.dumps({"spec": spec, "accuracy_after": 0.5}))
-  assert replicate.execute([spec], jobs=1, pin=False, env=dict(os.environ)) == [{"spec": spec, "accuracy_after": 0.5}]
+  assert replicate._done(spec) is None
+  with pytest.raises(RuntimeError, match="the run job of GRPO seed 0 failed"):
+    replicate.execute([spec], jobs=1, pin=False, env=dict(os.environ))
+  done = {"spec": spec, "accuracy_after": 0.5, "per_prompt": {"test": None, "prior_conflict": None, "white": None}}
+  (tmp_path / "grpo" / "seed0" / "run_result.json").write_text(json.dumps(done))
+  assert replicate.execute([spec], jobs=1, pin=False, env=dict(os.environ)) == [done]

@@ -13,6 +13,7 @@ only the first run compiles.
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,16 +57,11 @@ def _steps_on_disk(ckpt_dir):
   return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
 
 
-def _first_step_after(out_dir, offset):
-  """The first RL step a process logged, given the metrics lines written before it started."""
-  lines = open(os.path.join(out_dir, "metrics.jsonl")).read().splitlines()[offset:]
-  steps = [json.loads(line)["step"] for line in lines if '"reward/overall"' in line]
-  assert steps, lines
-  return steps[0]
-
-
-def _line_count(out_dir):
-  return len(open(os.path.join(out_dir, "metrics.jsonl")).read().splitlines())
+def _resumed_from(output):
+  """The step a process said it resumed from."""
+  found = re.findall(r"resumed from step (\d+)", output)
+  assert len(found) == 1, output
+  return int(found[0])
 
 
 @pytest.mark.slow
@@ -105,24 +101,22 @@ def test_sigkill_mid_save_then_resume_and_damaged_latest_step(tmp_path):
       f.truncate(os.path.getsize(victim) // 2)
 
   # ---- resume both (in parallel: two processes, one core each)
-  offset_cut, offset_damaged = _line_count(cut), _line_count(damaged)
   resume_cut, resume_damaged = _start(cut, env), _start(damaged, env)
   out_cut, out_damaged = _finish(resume_cut), _finish(resume_damaged)
 
   # The killed run resumed from its newest complete step (at least KILL_AFTER; a save of the step being written when
   # the kill landed is either complete or absent) and ended with the uninterrupted run's metrics.
-  start = _first_step_after(cut, offset_cut) - 1
-  assert start == latest, (start, on_disk)
+  assert _resumed_from(out_cut) == latest, on_disk
   assert _rl_rows(cut) == whole_rows
-  logged = _logged_steps(cut)
-  assert sorted(set(logged)) == list(range(STEPS))
-  assert all(logged.count(s) == 1 for s in range(start + 1)), logged  # steps up to the checkpoint were not re-run
+  # Each step logged once: what the killed process logged past its newest checkpoint was dropped, then logged again.
+  assert _logged_steps(cut) == list(range(STEPS))
   assert "accuracy after" in out_cut and (cut / "final").is_dir()
 
   # The damaged copy set its newest step aside, resumed from the one before, and still matches the uninterrupted run.
   assert "unreadable" in out_damaged and "falling back" in out_damaged, out_damaged
-  assert _first_step_after(damaged, offset_damaged) - 1 == latest - 1, out_damaged
+  assert "Event loop is closed" not in out_damaged and "Traceback" not in out_damaged, out_damaged  # one warning
+  assert _resumed_from(out_damaged) == latest - 1, out_damaged
   assert (damaged / "checkpoints" / f"{latest}.unreadable").is_dir()
   assert _rl_rows(damaged) == whole_rows
-  assert sorted(set(_logged_steps(damaged))) == list(range(STEPS))
+  assert _logged_steps(damaged) == list(range(STEPS))
   assert _steps_on_disk(damaged / "checkpoints")[-1] == STEPS - 1  # the step set aside was written again

@@ -5,6 +5,7 @@
   batch = next(it)               # jaxvg.data.batch.Batch: .prompts (a PromptBatch pytree), .answers, .ids
   state = it.get_state()         # JSON-able; it.set_state(state) in a new process resumes at the next batch
   it.counts                      # {"ok": ..., "corrupt_image": ..., ...}
+  it.skipped                     # {"corrupt_image": ..., ...}: the training loop logs these as data/skipped/<reason>
 
 Built on grain's dataset API (MapDataset / IterDataset, grain 0.2): every stage up to the processing is an index
 transformation of a MapDataset, so the order is a pure function of (seed, epoch, shard) and an iterator's state is
@@ -145,6 +146,11 @@ class BatchIterator(grain.DatasetIterator):
   def counts(self) -> dict[str, int]:
     """{"ok": usable records, <reason>: rejected records} so far (restored with the state)."""
     return dict(self._counts)
+
+  @property
+  def skipped(self) -> dict[str, int]:
+    """{<reason>: rejected records} so far, cumulative over a resumed run (the counts ride in the state)."""
+    return {reason: n for reason, n in self._counts.items() if reason != "ok"}
 
   def _reject(self, item: Rejected):
     n = self._counts.get(item.reason, 0) + 1
