@@ -50,10 +50,17 @@ log = logging.getLogger("jaxvg")
 # ---------------------------------------------------------------------------------------------- parameters alone
 
 
+@jax.jit
+def _finite_flags(leaves):
+  """One bool per array, from ONE computation: on several processes every collective runs in the same program."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def check_finite(params, what: str):
   """Raises ValueError naming the first parameters with a NaN or an infinity: such weights are never saved."""
-  flags = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
-  bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params)) if jax.tree.leaves(params) else ((), ())
+  flags = np.asarray(_finite_flags(list(leaves))) if leaves else np.ones(0, bool)
+  bad = [jax.tree_util.keystr(path) for path, ok in zip(paths, flags) if not ok]
   if bad:
     raise ValueError(f"refusing to save {what}: non-finite values in {len(bad)} parameter arrays, e.g. {bad[:3]}")
 
@@ -245,7 +252,9 @@ class Checkpointer:
     """Raises SaveError if a background save failed; `block` waits for the one in progress, otherwise it is left to
     run and checked at a later call. Every process calls this at the same step: a failure anywhere stops them all."""
     error = None
-    if block or not self._manager.is_saving_in_progress():
+    # Every process must take the same branch (orbax's wait and the gather below are collectives): a save still in
+    # progress anywhere is left to run everywhere.
+    if block or not _any_process(self._manager.is_saving_in_progress()):
       try:
         self._manager.wait_until_finished()  # at once when nothing is in progress; raises the failure once
       except Exception as e:  # OSError (a full disk), tensorstore and orbax errors: the step was not written
