@@ -46,7 +46,7 @@ def model_config_for(cfg: ModelCfg, tokenizer) -> ModelConfig:
   eos = ids["<|im_end|>"]
   return dataclasses.replace(base, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                             bos_token_id=None, eos_token_id=eos)
+                             bos_token_id=None, eos_token_id=eos, attention_impl=cfg.attention_impl)
 
 
 def _mrope_section(head_dim: int) -> tuple[int, int, int]:
@@ -75,7 +75,8 @@ def build_model(cfg: ModelCfg, data: DataCfg, *, mesh=None):
 
 def load_model(path: str, cfg: ModelCfg, *, mesh=None) -> Qwen25VL:
   """A Qwen2.5-VL from a local HF directory, with `cfg`'s dtypes and remat, placed on `mesh` when given."""
-  kwargs = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat)
+  kwargs = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), remat=cfg.remat,
+                attention_impl=cfg.attention_impl)
   if mesh is None:
     return load_hf(path, **kwargs)
   from jaxvg import sharding  # local: the data side of the package does not need the sharding tables
@@ -95,7 +96,7 @@ def prompt_config(data: DataCfg, *, counterfactuals=(), contexts=()) -> processi
   return processing.PromptConfig(prompt_format=data.prompt_format, min_pixels=data.min_pixels,
                                  max_pixels=data.max_pixels, max_prompt_tokens=max(data.length_buckets),
                                  max_images=data.max_images, counterfactuals=tuple(counterfactuals),
-                                 contexts=tuple(contexts))
+                                 contexts=tuple(contexts), image_backend=data.image_backend)
 
 
 def synthetic_config(data: DataCfg) -> synthetic.SyntheticConfig:
@@ -124,16 +125,18 @@ def source(data: DataCfg, split: str):
   raise ValueError(f"data.source={data.source!r}: choose synthetic, geo3k, verl or jsonl")
 
 
-def data_config(data: DataCfg, *, shuffle: bool = True, num_epochs=None) -> pipeline.DataConfig:
+def data_config(data: DataCfg, *, shuffle: bool = True, num_epochs=None, worker_count: int = 0
+                ) -> pipeline.DataConfig:
   return pipeline.DataConfig(batch_size=data.prompts_per_batch, seed=data.seed, shuffle=shuffle,
                              num_epochs=num_epochs, drop_remainder=num_epochs is None,
-                             length_buckets=data.length_buckets, patch_buckets=data.patch_buckets)
+                             length_buckets=data.length_buckets, patch_buckets=data.patch_buckets,
+                             worker_count=worker_count)
 
 
 def make_train_data(data: DataCfg, tokenizer, model_cfg: ModelConfig, *, counterfactuals=(), contexts=()):
   return pipeline.make_dataset(source(data, "train"), tokenizer=tokenizer,
                                prompt=prompt_config(data, counterfactuals=counterfactuals, contexts=contexts),
-                               data=data_config(data), vision=model_cfg.vision)
+                               data=data_config(data, worker_count=data.worker_count), vision=model_cfg.vision)
 
 
 class WhiteImages:

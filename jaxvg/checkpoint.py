@@ -80,7 +80,25 @@ def restore_params(path: str, like):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no parameter checkpoint at {path}")
   with ocp.StandardCheckpointer() as ckptr:
+    check_shapes(ckptr.metadata(path).item_metadata, like, path)
     return ckptr.restore(path, restore_target(like))
+
+
+def _path_key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_shapes(stored, like, where: str):
+  """Raises ValueError naming the arrays whose stored shapes differ from `like`'s (a checkpoint of another model
+  size), before any read: orbax's own error comes from inside its asynchronous reads, after the others started."""
+  shapes = {_path_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)
+            if hasattr(m, "shape")}
+  wrong = [f"{key} stored {shapes[key]}, wanted {tuple(x.shape)}"
+           for p, x in jax.tree_util.tree_leaves_with_path(like)
+           if (key := _path_key(p)) in shapes and shapes[key] != tuple(x.shape)]
+  if wrong:
+    raise ValueError(f"{where} holds arrays of other shapes than the model's ({len(wrong)} of them: "
+                     f"{'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''})")
 
 
 def restore_target(like):

@@ -68,6 +68,19 @@ def load_params(path: str, like):
   return checkpoint.restore_params(path, like)
 
 
+def _model_differences(params_path: str, cfg) -> str:
+  """" (the run was trained with model.x=...)" when the run folder holding `params_path` says how, else ""."""
+  for folder in (params_path, os.path.dirname(os.path.normpath(params_path))):
+    path = os.path.join(folder, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        trained = json.load(f).get("model", {})
+      now = json.loads(json.dumps(config_lib.to_dict(cfg)["model"]))
+      diff = [f"model.{k}={v!r}" for k, v in trained.items() if now.get(k) != v]
+      return f" (the run was trained with {', '.join(diff)})" if diff else ""
+  return ""
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True)
@@ -90,6 +103,10 @@ def main(argv=None):
       params = load_params(args.params, params)
     except FileNotFoundError as e:
       print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except ValueError as e:  # orbax: a stored array of another shape
+      print(f"error: --params {args.params} does not fit the model that --config and --set describe"
+            f"{_model_differences(args.params, cfg)}: {e}", file=sys.stderr)
       sys.exit(2)
   fmt = builders.prompt_format(cfg.data)
   batches = builders.make_eval_data(cfg.data, tokenizer, model.cfg)

@@ -9,6 +9,13 @@ from jaxvg.optim import OptimConfig
 from jaxvg.sharding import MeshConfig
 
 
+def _repr_without(cfg, *names: str) -> str:
+  """The dataclass repr of `cfg` without the fields `names` (added fields that change no result: the repr of a
+  config written before they existed stays the same)."""
+  fields = (f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg) if f.name not in names)
+  return f"{type(cfg).__qualname__}({', '.join(fields)})"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCfg:
   hf_path: str | None = None       # a local HF Qwen2.5-VL directory; None builds a random `preset` model
@@ -21,6 +28,14 @@ class ModelCfg:
   param_dtype: str = "float32"     # master weights
   remat: bool = False
   seed: int = 0
+  # The attention kernel (jaxvg.models.layers.attention): blocked (XLA, any device) | xla | cudnn | pallas_tpu | auto
+  # (cuDNN flash attention on GPU and the Pallas kernel on TPU where the shapes allow, else blocked). The same
+  # weights compute the same function under each; warm starts are shared between them.
+  attention_impl: str = "blocked"
+
+  def identity(self) -> str:
+    """The fields that decide the model's weights (not the kernel that runs them)."""
+    return _repr_without(self, "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +66,16 @@ class DataCfg:
   patch_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
   max_images: int = 1
   seed: int = 0
+  # Training batches are processed in this many grain worker processes, ahead of the loop (0: in the loop). Workers
+  # change when records are processed, never which or in what order: the batches are the same. A checkpoint's data
+  # position is stored in the pipeline's own form, so a run resumes with the worker count it started with.
+  worker_count: int = 0
+  # Image preprocessing: fast (jaxvg.data.images, equal to transformers' to the bit) | transformers.
+  image_backend: str = "fast"
+
+  def identity(self) -> str:
+    """The fields that decide what is read (not how fast): warm starts are reused while this is unchanged."""
+    return _repr_without(self, "worker_count", "image_backend")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ to the logs of the run it continues; `MetricsWriter.drop_previous` first takes o
 past the resumed step, so that every step is logged once. TensorBoard keeps one event file per process.
 """
 
+import functools
 import json
 import logging
 import math
@@ -128,31 +129,60 @@ def _histogram(values: np.ndarray):
 
 
 class Progress:
-  """A one-line progress bar with rate and ETA, redrawn in place on a terminal and printed per update otherwise."""
+  """A one-line progress bar with rate and ETA, redrawn in place on a terminal and printed per update otherwise.
+
+  The ETA counts steady-state time only: the seconds spent compiling (`compile_seconds`, from the `announce_compiles`
+  wrappers) are taken out of the elapsed time before the rate is computed, so the first steps' compilation does not
+  inflate it. While the bar is drawn, the log lines of `setup_logging` clear it first and redraw it after, so that a
+  log line never lands glued to the end of the bar.
+  """
 
   def __init__(self, total: int, *, desc: str = "", enabled: bool = True, stream=None):
     self.total, self.desc, self.enabled = total, desc, enabled
     self.stream = stream or sys.stderr
     self.start = time.time()
+    self.compile_start = compile_seconds()
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.line = ""
 
   def update(self, done: int, info: str = ""):
     if not self.enabled:
       return
     elapsed = time.time() - self.start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - done) / rate if rate > 0 else float("nan")
-    width = 24
-    filled = int(width * done / max(self.total, 1))
-    bar = "#" * filled + "-" * (width - filled)
-    line = (f"{self.desc} [{bar}] {done}/{self.total} {_fmt(elapsed)} elapsed, ETA {_fmt(eta)}"
-            f"{'  ' + info if info else ''}")
-    self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+    self.line = (f"{self.desc} [{_bar(done, self.total)}] {done}/{self.total} {_fmt(elapsed)} elapsed, "
+                 f"ETA {_fmt(self.eta(done, elapsed))}{'  ' + info if info else ''}")
+    self.stream.write(("\r\033[K" + self.line) if self.tty else (self.line + "\n"))
     self.stream.flush()
+    _ACTIVE[0] = self if self.tty else None
+
+  def eta(self, done: int, elapsed: float) -> float:
+    """Seconds left at the steady-state rate: elapsed time less the compilation since the bar started."""
+    steady = elapsed - (compile_seconds() - self.compile_start)
+    return (self.total - done) * steady / done if done > 0 and steady > 0 else float("nan")
+
+  def clear(self):
+    if self.enabled and self.tty and self.line:
+      self.stream.write("\r\033[K")
+      self.stream.flush()
+
+  def redraw(self):
+    if self.enabled and self.tty and self.line:
+      self.stream.write(self.line)
+      self.stream.flush()
 
   def close(self):
-    if self.enabled and self.tty:
+    if _ACTIVE[0] is self:
+      _ACTIVE[0] = None
+    if self.enabled and self.tty and self.line:
       self.stream.write("\n")
+
+
+_ACTIVE: list[Progress | None] = [None]  # the bar drawn on a terminal now, if any
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+  filled = int(width * done / max(total, 1))
+  return "#" * filled + "-" * (width - filled)
 
 
 def _fmt(seconds: float) -> str:
@@ -162,9 +192,85 @@ def _fmt(seconds: float) -> str:
   return f"{m}:{s:02d}"
 
 
+# ---------------------------------------------------------------------------------------------------- compile lines
+
+_COMPILE_SECONDS = [0.0]
+
+
+def compile_seconds() -> float:
+  """Seconds spent so far in the first calls that `announce_compiles` reported (compilation plus one run)."""
+  return _COMPILE_SECONDS[0]
+
+
+def _signature(args, kwargs) -> tuple:
+  """What selects a compiled program: the shapes and dtypes of the array leaves and the values of the rest."""
+  import jax
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  sig = []
+  for x in leaves:
+    shape = getattr(x, "shape", None)
+    if shape is not None and hasattr(x, "dtype"):
+      sig.append((tuple(shape), str(x.dtype)))
+    else:
+      try:
+        hash(x)
+        sig.append(x)
+      except TypeError:
+        sig.append(type(x).__name__)
+  return (treedef, tuple(sig))
+
+
+def announce_compiles(fn, name: str, *, logger: logging.Logger | None = None, min_seconds: float = 1.0):
+  """`fn` with a log line around each first call at new input shapes: such a call compiles (a jitted function, or a
+  Python function whose jitted parts see new shapes) and can take minutes on a large model.
+
+  The first call logs "compiling <name> ..." before and "<name> compiled and ran in N s" after (the result is waited
+  for); a later first call at new shapes (another length bucket) logs one line after, when it took `min_seconds` or
+  more. Their seconds add to `compile_seconds`, which `Progress` takes out of its ETA. Calls at known shapes pass
+  straight through.
+  """
+  logger = logger or logging.getLogger("jaxvg")
+  seen = set()
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    sig = _signature(args, kwargs)
+    if sig in seen:
+      return fn(*args, **kwargs)
+    import jax
+    first = not seen
+    seen.add(sig)
+    if first:
+      logger.info("compiling %s ...", name)
+    t = time.time()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    seconds = time.time() - t
+    _COMPILE_SECONDS[0] += seconds
+    if first or seconds >= min_seconds:
+      logger.info("%s %s in %.1f s", name, "compiled and ran" if first else "compiled for new shapes and ran", seconds)
+    return out
+
+  return wrapped
+
+
+class _BarAwareHandler(logging.StreamHandler):
+  """A stream handler that clears a progress bar drawn on the terminal before its line and redraws it after."""
+
+  def emit(self, record):
+    bar = _ACTIVE[0]
+    if bar is None:
+      return super().emit(record)
+    bar.clear()
+    super().emit(record)
+    self.flush()
+    bar.redraw()
+
+
 def setup_logging(stream, level: int = logging.INFO):
   """INFO lines of jaxvg on `stream`; the libraries' own INFO chatter (orbax's per-save lines through absl, JAX's
   backend probing) only from WARNING up. `force`: orbax and grain install a root handler on import."""
-  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=stream, force=True)
+  handler = _BarAwareHandler(stream)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  logging.basicConfig(level=level, handlers=[handler], force=True)
   for name in ("absl", "jax._src.xla_bridge"):
     logging.getLogger(name).setLevel(max(level, logging.WARNING))

@@ -104,7 +104,7 @@ def warm_start_key(cfg) -> str | None:
   """What `sft.warm_start` compares before reusing a warm start (None: the config has none)."""
   if cfg.sft.steps == 0:
     return None
-  signature = [repr(cfg.model), repr(cfg.data), repr(cfg.sft), repr(cfg.sft_optim)]
+  signature = [cfg.model.identity(), cfg.data.identity(), repr(cfg.sft), repr(cfg.sft_optim)]
   return hashlib.sha256(json.dumps(signature).encode()).hexdigest()[:12]
 
 

@@ -143,6 +143,7 @@ def perception_stage(cfg, model, tokenizer, writer: metrics.MetricsWriter | None
     params, probe = optax.apply_updates((params, probe), updates)
     return params, probe, opt_state, m
 
+  step_fn = metrics.announce_compiles(step_fn, "perception step")
   progress = metrics.Progress(cfg.sft.perception_steps, desc="perception stage")
   batches = perception_batches(cfg, tokenizer, model.cfg)
   m = {}
@@ -181,7 +182,7 @@ def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = Non
   graphdef, params = nnx.split(model, nnx.Param)
   path = os.path.join(cfg.train.out_dir, name)
   marker = os.path.join(path, "done.json")
-  signature = {"model": repr(cfg.model), "data": repr(cfg.data), "sft": repr(cfg.sft), "optim": repr(cfg.sft_optim),
+  signature = {"model": cfg.model.identity(), "data": cfg.data.identity(), "sft": repr(cfg.sft), "optim": repr(cfg.sft_optim),
                **({} if origin == "init" else {"origin": origin})}
   if cfg.sft.reuse and os.path.exists(marker):
     with open(marker) as f:
@@ -194,8 +195,9 @@ def warm_start(cfg, model, tokenizer, writer: metrics.MetricsWriter | None = Non
     graphdef, params = nnx.split(model, nnx.Param)
   tx = optim.make_optimizer(cfg.sft_optim, params)
   state = update.init_state(model, tx)
-  step_fn = jax.jit(lambda s, b: update.sft_step(s, b, tx=tx, max_update_ratio=cfg.sft_optim.max_update_ratio),
-                    donate_argnums=(0,))
+  step_fn = metrics.announce_compiles(
+      jax.jit(lambda s, b: update.sft_step(s, b, tx=tx, max_update_ratio=cfg.sft_optim.max_update_ratio),
+              donate_argnums=(0,)), f"warm-start step ({name})")
   progress = metrics.Progress(cfg.sft.steps, desc=f"warm start ({name})")
   batches = reference_batches(cfg, tokenizer, model.cfg)
   for step in range(cfg.sft.steps):

@@ -13,6 +13,7 @@ could not be written.
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -249,10 +250,13 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
                            **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
 
   # ================================================================================= Jitted stages
-  policy_step = jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg,
-                                                       max_update_ratio=cfg.optim.max_update_ratio),
-                        donate_argnums=(0,), out_shardings=(state_shardings, replicated))
-  score = jax.jit(update.score_fn, static_argnums=(1, 5))
+  # Each stage logs a line when it compiles (metrics.announce_compiles): minutes on a large model.
+  policy_step = metrics.announce_compiles(
+      jax.jit(lambda s, m: update.policy_step(s, m, tx=tx, group_size=G, loss_cfg=loss_cfg,
+                                              max_update_ratio=cfg.optim.max_update_ratio),
+              donate_argnums=(0,), out_shardings=(state_shardings, replicated)), "policy update")
+  score = metrics.announce_compiles(jax.jit(update.score_fn, static_argnums=(1, 5)), "old-policy scoring")
+  sample = metrics.announce_compiles(rollout.rollout, "sampler")
   # The k3 KL term's reference and the default teacher are the policy at the start of RL: one frozen copy (the live
   # params are donated), shared by both.
   needs_initial = cfg.algo.kl_coef > 0 or (distilling and cfg.distill.teacher == "initial")
@@ -262,20 +266,24 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   if teacher is not None and teacher.params is not initial:  # a teacher of its own: shard it like a policy
     teacher = hosts.put(teacher, sharding.state_shardings(mesh, jax.eval_shape(lambda: teacher)))
   if distilling:
-    teacher_pass = distill.make_teacher_pass(cfg, G)
+    teacher_pass = metrics.announce_compiles(distill.make_teacher_pass(cfg, G), "teacher pass")
     vigos_spans = distill.vigos_span_fn(tokenizer) if cfg.distill.method == "vigos" else None
-    distill_step = distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg,
-                                     out_shardings=(state_shardings, replicated))
+    distill_step = metrics.announce_compiles(
+        distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=loss_cfg, out_shardings=(state_shardings, replicated)),
+        "distillation update")
   credit_fn = credit.make_batch_credit_fn(cfg.credit, model_cfg, tokenizer, G, fmt=fmt)
+  if cfg.credit.method != "none":
+    credit_fn = metrics.announce_compiles(credit_fn, f"credit ({cfg.credit.method})")
 
   # ================================================================================= Evaluate before
-  def evaluate_now(state, data=eval_data):
+  @functools.partial(metrics.announce_compiles, name="held-out evaluation")
+  def evaluate_now(state, data):
     return evaluate.accuracy(state.graphdef, state.params, data, tokenizer=tokenizer, fmt=fmt,
                              reward_fn=reward_fn, max_new_tokens=cfg.rollout.max_new_tokens,
                              stop_token_ids=stop_ids, greedy=cfg.train.eval_greedy)
 
   def evaluate_white(state):  # the same split with white images: what the policy gets without looking
-    return None if white_data is None else evaluate_now(state, white_data)
+    return None if white_data is None else evaluate_now(state, white_data)  # same shapes: no new compile
 
   # ================================================================================= Resume, or evaluate before
   key = jax.random.key(cfg.train.seed)
@@ -295,8 +303,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     white_before = run_info.get("white_accuracy_before")
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
   else:
-    acc_before, white_before = evaluate_now(state), evaluate_white(state)
-  log.info("accuracy before: %.4f", acc_before)
+    acc_before, white_before = evaluate_now(state, eval_data), evaluate_white(state)
   writer.drop_previous(after=start - 1)  # what earlier processes logged past the resumed step is logged again
 
   # ================================================================================= RL loop
@@ -308,7 +315,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   try:
     for step in range(start, cfg.train.steps):
       t0 = time.time()
-      times = {"sample": 0.0, "reward": 0.0}
+      times = {"data_wait": 0.0, "sample": 0.0, "reward": 0.0}
 
       # ---- sample and reward, with DAPO's dynamic sampling: draw prompt batches until enough informative groups
       draws = cfg.algo.minibatches * cfg.algo.micro_batches  # drawn batches per step without dynamic sampling
@@ -320,11 +327,13 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
           else draws)
       drawn = []
       while not accumulator.done:
-        batch = next(data_iter)
+        ts = time.time()
+        batch = next(data_iter)  # with data.worker_count > 0 the records were processed meanwhile
+        times["data_wait"] += time.time() - ts
         key, sample_key = jax.random.split(key)
         ts = time.time()
         p = batch.prompts
-        rolls = hosts.fetch(rollout.rollout(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
+        rolls = hosts.fetch(sample(state.graphdef, state.params, input_ids_BT=p.input_ids_BT,
                                             attention_mask_BT=p.attention_mask_BT, positions_3BT=p.positions_3BT,
                                             deltas_B=p.deltas_B, vision=p.vision, key=sample_key, config=sampling,
                                             mesh=mesh if batch_axes else None, data_axes=batch_axes))
@@ -452,7 +461,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       writer.write_samples(step, sample_rollouts(tokenizer, drawn, prepared, dep_map, G, cfg.train.samples_logged))
       progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
       if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-        writer.write(step, {"eval/accuracy": evaluate_now(state)})
+        writer.write(step, {"eval/accuracy": evaluate_now(state, eval_data)})
 
       if skipped_in_a_row >= cfg.train.max_skipped_updates:
         ckpt.close()
@@ -479,7 +488,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   ckpt.close()
 
   # ================================================================================= Evaluate after, save
-  acc_after, white_after = evaluate_now(state), evaluate_white(state)
+  acc_after, white_after = evaluate_now(state, eval_data), evaluate_white(state)
   summary = {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after}
   if white_data is not None:
     summary |= {"eval/white_accuracy_before": white_before, "eval/white_accuracy_after": white_after}

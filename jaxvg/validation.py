@@ -63,6 +63,7 @@ def validate(cfg: experiment.Config) -> None:
   for name in ("tiny_width", "tiny_layers", "tiny_heads", "tiny_vision_width"):
     _at_least(f"model.{name}", getattr(m, name), 1)
 
+  _choice("model.attention_impl", cfg.model.attention_impl, model_config.ATTENTION_IMPLS)
   _choice("data.source", d.source, SOURCES)
   if d.source != "synthetic" and not d.path:
     raise ConfigError(f"data.path is empty: data.source={d.source!r} reads a file")
@@ -74,6 +75,8 @@ def validate(cfg: experiment.Config) -> None:
                "max_images"):
     _at_least(f"data.{name}", getattr(d, name), 1)
   _within("data.cell_tint", d.cell_tint, 0, 255)
+  _at_least("data.worker_count", d.worker_count, 0)
+  _choice("data.image_backend", d.image_backend, processing.IMAGE_BACKENDS)
   if d.max_pixels < d.min_pixels:
     raise ConfigError(f"data.max_pixels={d.max_pixels} is below data.min_pixels={d.min_pixels}")
   for name in ("length_buckets", "patch_buckets"):

@@ -11,6 +11,7 @@ import errno
 import glob
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,19 @@ def test_save_params_round_trip(tmp_path):
   assert_states_equal(got, state.params)
   with pytest.raises(FileNotFoundError, match="no parameter checkpoint"):
     checkpoint.restore_params(str(tmp_path / "missing"), state.params)
+
+
+def test_parameters_of_another_shape_are_named_before_any_read(tmp_path):
+  state = make_state(4)
+  checkpoint.save_params(str(tmp_path / "p"), state.graphdef, state.params)
+  leaves, treedef = jax.tree.flatten(state.params)
+  shape = leaves[0].shape
+  leaves[0] = jnp.zeros((shape[0] + 1,) + shape[1:], leaves[0].dtype)  # a model one row larger in one array
+  paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(state.params)]
+  name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in paths[0])
+  expected = f"1 of them: {name} stored {tuple(shape)}, wanted {(shape[0] + 1,) + tuple(shape[1:])})"
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    checkpoint.restore_params(str(tmp_path / "p"), jax.tree.unflatten(treedef, leaves))
 
 
 def test_non_finite_parameters_are_never_saved(tmp_path):

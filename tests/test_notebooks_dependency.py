@@ -50,6 +50,9 @@ def test_notebook_runs_on_a_tiny_run(tmp_path, monkeypatch):
   assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "sum of weights" in text and "the top 10% carry" in text
+  # Nothing on the kernel's stderr: no library warning (e.g. tqdm's "IProgress not found" without ipywidgets).
+  stderr = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stderr")
+  assert "Warning" not in stderr, stderr
 
 
 def test_notebook_says_how_to_create_a_missing_run(tmp_path, monkeypatch):

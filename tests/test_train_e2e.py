@@ -23,7 +23,11 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
       "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32", "--set", "algo.micro_batches=2",
   ])
   printed = capsys.readouterr().out
-  assert "accuracy before:" in printed and "accuracy after:" in printed
+  assert printed.count("accuracy before:") == 1 and "accuracy after:" in printed
+  # Each jitted stage says when it compiles and how long that took (the first call at new shapes).
+  for stage in ("warm-start step (sft)", "held-out evaluation", "sampler", "old-policy scoring", "credit (pgpo)",
+                "policy update"):
+    assert f"compiling {stage} ..." in printed and f"{stage} compiled and ran in" in printed, stage
   assert len(result["reward_curve"]) == 2
   rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
   rl = [r for r in rows if r["step"] >= 0 and "reward/overall" in r]
@@ -31,6 +35,7 @@ def test_train_script_runs_and_writes_its_logs(tmp_path, capsys):
   for r in rl:
     # PGPO ran: dependency statistics were logged, and the KL term was computed against the frozen reference.
     assert "dependency/mean" in r and "kl_ref" in r and "time/sample" in r and "dynamic_sampling/tries" in r
+    assert 0.0 <= r["time/data_wait"] <= r["time/step"]
     # Two drawn batches of 2 prompts, accumulated into the step's one update.
     assert r["dynamic_sampling/tries"] == 2 and r["dynamic_sampling/groups_seen"] == 4
     assert 0.0 <= r["reward/overall"] <= 1.0

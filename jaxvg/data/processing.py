@@ -5,7 +5,7 @@ A canonical record is a dict {"id", "images", "problem" (one "<image>" per image
 
   messages = jaxvg.prompts.build_messages(problem, fmt)   # [system?, user: text and {"type": "image"} entries]
   text = tokenizer.apply_chat_template(messages, add_generation_prompt=True) + fmt.prefill
-  pixel_values, image_grid_thw = Qwen2VLImageProcessorPil(images)
+  pixel_values, image_grid_thw = Qwen2VLImageProcessorPil(images)   # or jaxvg.data.images.preprocess: same values
   input_ids = tokenizer(text), each <|image_pad|> expanded to t*h*w / merge^2 pads (as Qwen2_5_VLProcessor does)
 
 followed by the 3-D M-RoPE positions. The pad expansion is done on token ids rather than on the text: <|image_pad|>
@@ -21,7 +21,9 @@ Counterfactual prompts (methods.md section 8), each with its own ids and positio
 A record that cannot be used raises `RecordError` with a named reason; the pipeline counts and skips it.
 
 Images are decoded with PIL. 16-bit and float images, which PIL's RGB conversion would clip, become 8-bit RGB by
-their value range (`to_8bit`); a mode that cannot be made RGB is rejected as "unsupported_image".
+their value range (`to_8bit`); a mode that cannot be made RGB is rejected as "unsupported_image". Pixel values come
+from `jaxvg.data.images.preprocess`, transformers' values bit for bit in a fraction of its time
+(`PromptConfig.image_backend`; "transformers" calls Qwen2VLImageProcessorPil itself).
 """
 
 import dataclasses
@@ -35,9 +37,11 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 from jaxvg import prompts
+from jaxvg.data.images import preprocess as preprocess_images
 from jaxvg.models.positions import mrope_positions
 
 COUNTERFACTUALS = ("mask_visual", "no_image", "white_image", "image_only")
+IMAGE_BACKENDS = ("fast", "transformers")
 DECOY = "@decoy_answer"  # a context name ending with it takes the record's "decoy_answer" as its reference
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_PAD = "<|image_pad|>"
@@ -77,6 +81,8 @@ class PromptConfig:
       They travel in `Example.counterfactuals` under the format's name. "<format>@decoy_answer" builds the same
       context with the record's "decoy_answer" (another record's answer, set by the pipeline) as the reference:
       the answer-swapped teacher of the PALR diagnostic.
+    image_backend: "fast" (`jaxvg.data.images.preprocess`) or "transformers" (Qwen2VLImageProcessorPil). Both give
+      the same pixel values and grids; "transformers" is the reference, kept to check against.
   """
 
   prompt_format: str | prompts.PromptFormat = "pgpo"
@@ -90,6 +96,7 @@ class PromptConfig:
   max_patches: int | None = None
   counterfactuals: tuple[str, ...] = ()
   contexts: tuple[str, ...] = ()
+  image_backend: str = "fast"
 
   def __post_init__(self):
     if isinstance(self.prompt_format, str):
@@ -101,6 +108,8 @@ class PromptConfig:
       prompts.get_format(name.removesuffix(DECOY))  # a ValueError naming the unknown format
     if self.min_pixels > self.max_pixels:
       raise ValueError(f"min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
+    if self.image_backend not in IMAGE_BACKENDS:
+      raise ValueError(f"unknown image_backend {self.image_backend!r}; choose from {IMAGE_BACKENDS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +147,10 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class Processor:
-  """The tokenizer and transformers' image processor, bundled with the config (picklable for worker processes)."""
+  """The tokenizer and transformers' image processor, bundled with the config (picklable for worker processes).
+
+  The image processor is built for either backend: it also counts an image's patches before any resizing.
+  """
 
   tokenizer: object
   image_processor: Qwen2VLImageProcessorPil
@@ -334,10 +346,16 @@ def mask_visual(prompt: Prompt) -> Prompt:
 
 
 def process_images(processor: Processor, images: list[Image.Image]) -> tuple[np.ndarray | None, np.ndarray]:
-  """transformers' Qwen2VLImageProcessorPil on the images; (pixel_values_PX float32 or None, image_grid_thw_I3)."""
+  """The images' (pixel_values_PX float32 or None, image_grid_thw_I3), by the config's `image_backend`: the fast
+  path or transformers' Qwen2VLImageProcessorPil, equal value for value. A failure of either is "corrupt_image"."""
   if not images:
     return None, np.zeros((0, 3), np.int64)
+  cfg = processor.config
   try:
+    if cfg.image_backend == "fast":
+      return preprocess_images(images, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                               patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                               temporal_patch_size=cfg.temporal_patch_size)
     out = processor.image_processor(images=images)
   except (OSError, ValueError) as e:
     raise RecordError("corrupt_image", str(e)) from None

@@ -8,6 +8,9 @@ Two `config.json` layouts exist in the wild and both are read: the nested transf
 import dataclasses
 from typing import Any
 
+# The kernels `jaxvg.models.layers.attention` can run (its docstring says what each does and when it falls back).
+ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "pallas_tpu", "auto")
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -73,9 +76,14 @@ class ModelConfig:
   vision_end_token_id: int = 151653
   bos_token_id: int | None = 151643
   eos_token_id: int | tuple[int, ...] | None = 151645
+  # How attention runs, not what the model is: never read from or written to config.json. "blocked" is the XLA
+  # path every CPU number was measured with; "auto" takes cuDNN / the TPU flash kernel where they fit.
+  attention_impl: str = "blocked"
 
   def __post_init__(self):
     t, v = self.text, self.vision
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}: choose one of {ATTENTION_IMPLS}")
     if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
       raise ValueError(f"text: hidden_size={t.hidden_size}, num_heads={t.num_heads} and num_kv_heads={t.num_kv_heads}"
                        " must divide evenly")

@@ -5,6 +5,7 @@ whatever the depth, and `remat` wraps exactly that body.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,8 @@ class KVCache:
 class Decoder(nnx.Module):
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: bool = False):
-    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+               remat: bool = False, attention_impl: str = "blocked"):
+    self.cfg, self.dtype, self.remat, self.attention_impl = cfg, dtype, remat, attention_impl
     L, V, D, F, N, K, H = (cfg.num_layers, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim)
     p = lambda shape, axes, init="normal": layers.param(rngs, shape, axes, param_dtype, init)
@@ -63,9 +64,10 @@ class Decoder(nnx.Module):
     return jnp.einsum("BTD,DV->BTV", h_BTD, self.head_weight_DV().astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _layer(self, x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, keys_values=None):
-    """One block. `keys_values(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH)` stores the new keys and values in a cache and
-    returns every key and value to attend to; without it the block attends to its own T tokens."""
+  def _layer(self, x_BTD, lyr, cos_BTH, sin_BTH, attend, keys_values=None):
+    """One block. `attend(q_BTNH, k_BSKH, v_BSKH)` is `layers.attention` with the call's mask bound.
+    `keys_values(k_BTKH, v_BTKH) -> (k_BSKH, v_BSKH)` stores the new keys and values in a cache and returns every key
+    and value to attend to; without it the block attends to its own T tokens."""
     cfg, dt = self.cfg, self.dtype
     h_BTD = layers.rms_norm(x_BTD, lyr["attn_norm"], cfg.rms_norm_eps)
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, lyr["q"].astype(dt)) + lyr["q_bias"].astype(dt)
@@ -74,7 +76,7 @@ class Decoder(nnx.Module):
     q_BTNH = layers.apply_rope(q_BTNH, cos_BTH, sin_BTH)
     k_BTKH = layers.apply_rope(k_BTKH, cos_BTH, sin_BTH)
     k_BSKH, v_BSKH = (k_BTKH, v_BTKH) if keys_values is None else keys_values(k_BTKH, v_BTKH)
-    o_BTNH = layers.attention(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BTS)
+    o_BTNH = attend(q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt))
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, lyr["o"].astype(dt))
     h_BTD = layers.rms_norm(x_BTD, lyr["mlp_norm"], cfg.rms_norm_eps)
     gate_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, lyr["gate"].astype(dt))
@@ -102,8 +104,17 @@ class Decoder(nnx.Module):
     S = kv_mask_BS.shape[1]
     q_slot_T = cache_index + jnp.arange(T)
     mask_BTS = (jnp.arange(S)[None, :] <= q_slot_T[:, None])[None] & kv_mask_BS[:, None, :].astype(bool)
+    # From slot 0 (no cache, or a prefill), the mask lies inside causality: kernels may skip the blocks above the
+    # diagonal. Without an extra mask it is also "same segment", real token or padding, which the TPU kernel takes.
+    causal = isinstance(cache_index, int) and cache_index == 0
+    segment_ids = None
     if attn_mask_BTS is not None:
       mask_BTS = mask_BTS & attn_mask_BTS
+    elif causal:
+      kv_seg_BS = kv_mask_BS.astype(bool).astype(jnp.int32)
+      segment_ids = (kv_seg_BS[:, :T], kv_seg_BS)
+    attend = functools.partial(layers.attention, mask_BTS=mask_BTS, impl=self.attention_impl, causal=causal,
+                               segment_ids=segment_ids)
     cos_BTH, sin_BTH = layers.mrope_cos_sin(positions_3BT, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     weights = {
         "attn_norm": self.attn_norm_LD[...], "q": self.q_LDNH[...], "k": self.k_LDKH[...], "v": self.v_LDKH[...],
@@ -114,7 +125,7 @@ class Decoder(nnx.Module):
 
     if cache is None:
       def body(x_BTD, lyr):
-        x_BTD = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS)
+        x_BTD = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, attend)
         return x_BTD, (x_BTD if return_hidden else None)
 
       if self.remat:
@@ -134,7 +145,7 @@ class Decoder(nnx.Module):
           stored["v"] = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
           return stored["k"][l], stored["v"][l]
 
-        x_BTD = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, mask_BTS, keys_values)
+        x_BTD = self._layer(x_BTD, lyr, cos_BTH, sin_BTH, attend, keys_values)
         return (x_BTD, stored["k"], stored["v"]), (x_BTD if return_hidden else None)
 
       (x_BTD, k_L, v_L), hidden_L = jax.lax.scan(body, (x_BTD, cache.k_LBSKH, cache.v_LBSKH),

@@ -8,6 +8,7 @@ Key names: the original checkpoints' (`model.layers.*`, `visual.*`, `lm_head.*`)
 in-memory names (`model.language_model.*`, `model.visual.*`) are also read.
 """
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -206,7 +207,7 @@ def _checkpoint_dtype(hf_config: dict, ckpt: _Checkpoint):
 
 
 def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[..., jax.sharding.Sharding]
-            | None = None, remat: bool = False) -> Qwen25VL:
+            | None = None, remat: bool = False, attention_impl: str = "blocked") -> Qwen25VL:
   """Loads a local Hugging Face Qwen2.5-VL directory into a `Qwen25VL`.
 
   Args:
@@ -217,13 +218,14 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[..., 
       `jaxvg.sharding.param_sharding`);
       by default parameters go to the default device.
     remat: rematerialize each layer in the backward pass.
+    attention_impl: the attention kernel (`ModelConfig.attention_impl`; how the model runs, not what it is).
   """
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path}: no config.json")
   with open(config_path) as f:
     hf_config = json.load(f)
-  cfg = ModelConfig.from_hf(hf_config)
+  cfg = dataclasses.replace(ModelConfig.from_hf(hf_config), attention_impl=attention_impl)
   ckpt = _Checkpoint(path)
   dtype = dtype or _checkpoint_dtype(hf_config, ckpt)
   param_dtype = param_dtype or dtype

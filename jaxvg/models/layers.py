@@ -1,8 +1,12 @@
 """Building blocks shared by the vision tower and the decoder: RMSNorm, rotary embeddings, masked attention."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxvg.models.config import ATTENTION_IMPLS
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", scale: float = 0.02) -> nnx.Param:
@@ -61,20 +65,140 @@ def vision_cos_sin(rope_hw_P2, head_dim: int, theta: float):
   return jnp.cos(angles_PH), jnp.sin(angles_PH)
 
 
-# Queries per block of `attention`: the float32 scores of one block of one sequence are QUERY_BLOCK x S x N x 4 bytes
-# (512 MiB at S = 8192 with the 3B's 16 heads), where dense attention holds T x S x N at once.
+# Queries per block of the blocked path: the float32 scores of one block of one sequence are QUERY_BLOCK x S x N x 4
+# bytes (512 MiB at S = 8192 with the 3B's 16 heads), where dense attention holds T x S x N at once.
 QUERY_BLOCK = 1024
+# Query and key tile of the TPU flash kernel (its default block sizes): lengths must be multiples of it.
+PALLAS_BLOCK = 128
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, query_block: int = QUERY_BLOCK):
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, impl: str = "blocked", causal: bool = False, segment_ids=None,
+              query_block: int = QUERY_BLOCK):
   """Softmax attention with grouped kv heads: query head n reads kv head n // (N / K).
 
-  `mask_BTS` (its leading dimension B or 1) is True where query t may attend to key s. Scores and softmax are
-  float32; a fully masked row returns the mean of the values (its output is never used: such rows are padding).
-  Longer than `query_block` queries, the queries go through in blocks, each rematerialized in the backward pass:
+  `mask_BTS` (its leading dimension B or 1) is True where query t may attend to key s; it is the whole truth, and
+  every implementation computes softmax(q k / sqrt(H) masked by it) v with float32 scores. `impl` picks the kernel
+  (`config.ATTENTION_IMPLS`; `choose_impl` says which one runs):
+
+    blocked     XLA einsums in query blocks (`_blocked_attention`): the CPU path and the fallback for every mask.
+    xla         `jax.nn.dot_product_attention(implementation="xla")`: the same arguments as the cuDNN call (mask,
+                is_causal), so CPU tests check what the GPU kernel is given. It holds B x N x T x S scores at once.
+    cudnn       cuDNN flash attention; the mask travels as an additive bf16/fp16 bias. Raises off a CUDA GPU, for
+                float32 inputs, or for head dims cuDNN rejects.
+    pallas_tpu  the TPU flash kernel (jax.experimental.pallas.ops.tpu.flash_attention) on calls whose mask
+                `segment_ids` describe and whose lengths are multiples of PALLAS_BLOCK; other calls run blocked.
+                Raises off a TPU.
+    auto        cudnn on a CUDA GPU, pallas_tpu on a TPU, where the call fits them; blocked otherwise.
+
+  A fully masked row (padding: its output is never used) is finite on every path: blocked, xla and cudnn return a
+  mean of values (their scores all tie at the mask value), pallas_tpu the attention over its own segment. Finite
+  matters even though the row is unused: NaN * 0 is NaN, and a NaN there would reach the gradients.
+
+  Args:
+    causal: a promise that `mask_BTS` is False wherever s > t (queries and keys both start at slot 0). Kernels use
+      it to skip the blocks above the diagonal; it never changes the result.
+    segment_ids: (q_seg_BT, kv_seg_BS) int32 with mask_BTS[b, t, s] == (q_seg[b, t] == kv_seg[b, s]) (and s <= t
+      when `causal`) on every query row whose output is used: the form of the mask the TPU kernel takes.
+    query_block: the blocked path's query block.
+  """
+  impl = choose_impl(impl, q_BTNH, k_BSKH, v_BSKH, segment_ids=segment_ids)
+  if impl == "blocked":
+    return _blocked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, query_block)
+  if impl == "pallas_tpu":
+    return _pallas_tpu_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, causal)
+  # One mask for all heads: [B, 1, T, S]. cuDNN turns it into a bias; `is_causal` lets it skip the upper blocks.
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS.astype(bool)[:, None], is_causal=causal,
+                                      implementation=impl)
+
+
+def choose_impl(impl: str, q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None) -> str:
+  """The implementation that `attention(impl=...)` runs for these shapes and dtypes, decided at trace time.
+
+  "cudnn" raises a ValueError naming what cuDNN lacks here, "pallas_tpu" one off a TPU; on a TPU, "pallas_tpu"
+  falls back to "blocked" for calls the kernel cannot take, and "auto" does wherever nothing fits.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl {impl!r}: choose one of {ATTENTION_IMPLS}")
+  if impl == "cudnn":
+    reason = _cudnn_unfit(q_BTNH, k_BSKH, v_BSKH, even_lengths=False)
+    if reason:
+      raise ValueError(f"attention_impl='cudnn' cannot run: {reason}. Use 'auto' to fall back to 'blocked' where "
+                       "cuDNN does not fit, or 'blocked'.")
+  elif impl == "pallas_tpu":
+    if jax.default_backend() != "tpu":
+      raise ValueError(f"attention_impl='pallas_tpu' runs a TPU kernel, and the default backend is "
+                       f"{jax.default_backend()!r}. Use 'auto' or 'blocked'.")
+    return "blocked" if _pallas_unfit(q_BTNH, k_BSKH, segment_ids) else impl
+  elif impl == "auto":
+    # Even lengths: cuDNN's backward with a bias needs them, and whether this call is differentiated is unknown here.
+    if not _cudnn_unfit(q_BTNH, k_BSKH, v_BSKH, even_lengths=True):
+      return "cudnn"
+    if jax.default_backend() == "tpu" and not _pallas_unfit(q_BTNH, k_BSKH, segment_ids):
+      return "pallas_tpu"
+    return "blocked"
+  return impl
+
+
+@functools.cache
+def _cuda_device() -> tuple[bool, float]:
+  """(the default backend is a CUDA GPU with cuDNN, its compute capability)."""
+  if jax.default_backend() != "gpu":
+    return False, 0.0
+  try:
+    from jax._src.lib import cuda_versions  # None on ROCm and without the CUDA plugin
+  except ImportError:
+    return False, 0.0
+  capability = float(getattr(jax.devices()[0], "compute_capability", "0") or 0)
+  return cuda_versions is not None, capability
+
+
+def _cudnn_unfit(q_BTNH, k_BSKH, v_BSKH, *, even_lengths: bool) -> str:
+  """Why cuDNN flash attention cannot take this call ("" when it can); the limits of jax's cudnn checks."""
+  is_cuda, capability = _cuda_device()
+  if not is_cuda:
+    return f"it needs a CUDA GPU with cuDNN, and the default backend is {jax.default_backend()!r}"
+  dtypes = {q_BTNH.dtype, k_BSKH.dtype, v_BSKH.dtype}
+  if len(dtypes) != 1 or q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+    return (f"it needs bfloat16 or float16 queries, keys and values, got {sorted(map(str, dtypes))} (set the "
+            "compute dtype to bfloat16)")
+  H = q_BTNH.shape[-1]
+  H_max = 256 if capability >= 9.0 else 128
+  if H % 8 or H > H_max:
+    return f"head dim {H} is not a multiple of 8 up to {H_max}"
+  T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+  if even_lengths and (T % 2 or S % 2):
+    return f"query length {T} or key length {S} is odd"
+  return ""
+
+
+def _pallas_unfit(q_BTNH, k_BSKH, segment_ids) -> str:
+  """Why the TPU flash kernel cannot take this call ("" when it can)."""
+  if segment_ids is None:
+    return "the mask has no segment form"
+  T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+  if T % PALLAS_BLOCK or S % PALLAS_BLOCK:
+    return f"query length {T} or key length {S} is not a multiple of {PALLAS_BLOCK}"
+  return ""
+
+
+def _pallas_tpu_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, causal: bool):
+  """The TPU flash kernel: heads before positions, kv heads repeated to the query heads (it has no grouped form)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash  # local: TPU-only module, loaded on use
+  B, T, N, H = q_BTNH.shape
+  G = N // k_BSKH.shape[2]
+  q_seg_BT, kv_seg_BS = (jnp.broadcast_to(s, (B, s.shape[-1])).astype(jnp.int32) for s in segment_ids)
+  to_BNTH = lambda x: x.transpose(0, 2, 1, 3)
+  out_BNTH = tpu_flash.flash_attention(
+      to_BNTH(q_BTNH), to_BNTH(jnp.repeat(k_BSKH, G, axis=2)), to_BNTH(jnp.repeat(v_BSKH, G, axis=2)),
+      segment_ids=tpu_flash.SegmentIds(q_seg_BT, kv_seg_BS), causal=causal, sm_scale=H**-0.5)
+  return to_BNTH(out_BNTH)
+
+
+def _blocked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, query_block: int):
+  """Longer than `query_block` queries, the queries go through in blocks, each rematerialized in the backward pass:
   every query row's softmax is its own, so the result is the dense one, and the scores held at once are one
   block's. Heads move in front of the sequence axes before the two contractions, which XLA's CPU and GPU dot
-  emitters run as plain batched matmuls.
+  emitters run as plain batched matmuls. A fully masked row returns the mean of the values.
   """
   B, T, N, H = q_BTNH.shape
   if T <= query_block:

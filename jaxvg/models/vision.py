@@ -39,19 +39,22 @@ class VisionInputs:
                jnp.asarray(layout.window_seg_P), jnp.asarray(layout.image_seg_P))
 
 
-def _image_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P):
+def _image_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P, *, impl: str = "blocked"):
   """Attention among the patches of each image (frame): dense over P with a segment mask."""
   del window_seg_P
   mask_PP = image_seg_P[:, None] == image_seg_P[None, :]
-  return layers.attention(q_PNH[None], k_PNH[None], v_PNH[None], mask_PP[None])[0]
+  seg_1P = image_seg_P[None]
+  return layers.attention(q_PNH[None], k_PNH[None], v_PNH[None], mask_PP[None], impl=impl,
+                          segment_ids=(seg_1P, seg_1P))[0]
 
 
-def _window_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P, *, window: int):
+def _window_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P, *, window: int, impl: str = "blocked"):
   """Attention inside each window, in O(P * window) rather than O(P^2).
 
   In window order every window is a contiguous run of at most `window` patches, so it lies within three consecutive
   chunks of `window` patches: each chunk's queries attend to the keys of the chunk before, itself and the one after,
-  masked to their own window. Padding keys at the ends carry segment -1, which no patch has.
+  masked to their own window. Padding keys at the ends carry segment -1, which no patch has. (As segment ids, the
+  padding queries of the last chunk match those keys: they are padding too, and their outputs are sliced off.)
   """
   del image_seg_P
   P, N, H = q_PNH.shape
@@ -66,7 +69,7 @@ def _window_attention(q_PNH, k_PNH, v_PNH, image_seg_P, window_seg_P, *, window:
   seg_CM = chunk(window_seg_P, -1)
   k_CSNH, v_CSNH, seg_CS = around(chunk(k_PNH, 0), 0), around(chunk(v_PNH, 0), 0), around(seg_CM, -1)
   mask_CMS = (seg_CM[:, :, None] == seg_CS[:, None, :]) & (seg_CM[:, :, None] >= 0)
-  out_CMNH = layers.attention(q_CMNH, k_CSNH, v_CSNH, mask_CMS)
+  out_CMNH = layers.attention(q_CMNH, k_CSNH, v_CSNH, mask_CMS, impl=impl, segment_ids=(seg_CM, seg_CS))
   return out_CMNH.reshape(C * M, N, H)[:P]
 
 
@@ -74,8 +77,8 @@ class VisionTower(nnx.Module):
   """ViT with window attention (full attention in `fullatt_block_indexes`) and a 2x2 merger to the decoder width."""
 
   def __init__(self, cfg: VisionConfig, out_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False):
-    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+               param_dtype=jnp.float32, remat: bool = False, attention_impl: str = "blocked"):
+    self.cfg, self.dtype, self.remat, self.attention_impl = cfg, dtype, remat, attention_impl
     # The longest window in patches: (window_size / patch_size)^2, e.g. 8 x 8 = 64 for 112-pixel windows.
     self.window_len = (cfg.window_size // cfg.patch_size) ** 2
     L, E, F, N, H, X = (cfg.depth, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim,
@@ -148,7 +151,8 @@ class VisionTower(nnx.Module):
       else:
         runs.append([l, l + 1, l in full])
     for start, end, is_full in runs:
-      attend = _image_attention if is_full else functools.partial(_window_attention, window=self.window_len)
+      attend = (functools.partial(_image_attention, impl=self.attention_impl) if is_full else
+                functools.partial(_window_attention, window=self.window_len, impl=self.attention_impl))
 
       def body(x_PE, blk, attend=attend):
         return self._block(x_PE, blk, cos_PH, sin_PH, attend, vis), None

@@ -33,8 +33,9 @@ class Qwen25VL(nnx.Module):
                remat: bool = False):
     self.cfg = cfg
     self.vision = VisionTower(cfg.vision, cfg.text.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                              remat=remat)
-    self.decoder = Decoder(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+                              remat=remat, attention_impl=cfg.attention_impl)
+    self.decoder = Decoder(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                           attention_impl=cfg.attention_impl)
 
   def embed(self, input_ids_BT, vision: VisionInputs | None = None, image_features_QD=None):
     """Token embeddings with image features merged in; returns (x_BTD, out dict of vision intermediates)."""
