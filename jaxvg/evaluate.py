@@ -1,7 +1,10 @@
-r"""Accuracy of a policy on a held-out split: avg@k over k samples per prompt, or greedy.
+r"""Accuracy of a policy on a held-out split: avg@k over k samples per prompt, or greedy; or on the papers'
+benchmarks, read from local files (jaxvg.benchmarks, docs/benchmarks_eval.md).
 
   python -m jaxvg.evaluate --config configs/demo.py --params runs/demo [--k 8 --temperature 1.0]
   python -m jaxvg.evaluate --config configs/demo.py --hf path/to/hf_dir
+  python -m jaxvg.evaluate --config configs/vigos_3b.py --hf path/to/hf_dir --benchmarks mathvista,mmmu \
+      --data-dir path/to/benchmarks [--samples 8 --temperature 1.0] [--out results/]
 """
 
 import argparse
@@ -91,11 +94,28 @@ def main(argv=None):
   parser.add_argument("--k", type=int, default=1)
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--greedy", action="store_true")
+  bench = parser.add_argument_group("benchmarks (docs/benchmarks_eval.md)")
+  bench.add_argument("--benchmarks", help="comma-separated benchmark names, e.g. mathvista,mathverse,mmmu "
+                     "(jaxvg.benchmarks.BENCHMARKS); evaluates on them instead of the config's held-out split")
+  bench.add_argument("--data-dir", help="the folder holding one folder per benchmark, as downloaded (MathVista/, ...)")
+  bench.add_argument("--samples", type=int, default=1, help="completions per prompt: 1 is greedy; k > 1 samples at "
+                     "--temperature and reports mean@k and pass@k")
+  bench.add_argument("--prompt-format", default="raw", help="raw: each benchmark's own prompt; a jaxvg prompt format "
+                     "(pgpo, vgs, vigos, ...) wraps the bare question in it")
+  bench.add_argument("--out", default="benchmark_results", help="where summary.json and predictions.jsonl go")
+  bench.add_argument("--limit", type=int, help="at most this many records per benchmark")
+  bench.add_argument("--allow-images-outside", action="store_true",
+                     help="accept image paths that resolve outside the benchmark's folder")
   args = parser.parse_args(argv)
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.set)
   if args.hf:
     cfg = config_lib.override(cfg, f"model.hf_path={args.hf}")
-  tokenizer, model = builders.build_model(cfg.model, cfg.data)
+  mesh, sources = None, None
+  if args.benchmarks:
+    sources = _check_benchmarks(args, parser)  # every benchmark's files, before the model is built
+    from jaxvg import sharding
+    mesh = sharding.make_mesh(cfg.mesh)
+  tokenizer, model = builders.build_model(cfg.model, cfg.data, mesh=mesh)
   from flax import nnx
   graphdef, params = nnx.split(model, nnx.Param)
   if args.params:
@@ -108,6 +128,8 @@ def main(argv=None):
       print(f"error: --params {args.params} does not fit the model that --config and --set describe"
             f"{_model_differences(args.params, cfg)}: {e}", file=sys.stderr)
       sys.exit(2)
+  if args.benchmarks:
+    return _run_benchmarks(args, cfg, graphdef, params, tokenizer, model.cfg, mesh, sources)
   fmt = builders.prompt_format(cfg.data)
   batches = builders.make_eval_data(cfg.data, tokenizer, model.cfg)
   acc = accuracy(graphdef, params, batches, tokenizer=tokenizer, fmt=fmt,
@@ -117,6 +139,43 @@ def main(argv=None):
   print(json.dumps({"accuracy": acc, "k": args.k, "greedy": args.greedy or args.k == 1,
                     "prompts": sum(int(np.asarray(b.prompts.valid_B).sum()) for b in batches)}))
   return acc
+
+
+def _check_benchmarks(args, parser):
+  """The benchmarks' sources (jaxvg.benchmarks.load_benchmarks), or one line naming what is wrong and exit 2."""
+  from jaxvg import benchmarks
+  if not args.data_dir:
+    parser.error("--benchmarks needs --data-dir (the folder holding the benchmarks' files)")
+  if args.samples < 1:
+    parser.error(f"--samples must be >= 1, got {args.samples}")
+  try:
+    return benchmarks.load_benchmarks(args.benchmarks, args.data_dir, prompt_format=args.prompt_format,
+                                      allow_images_outside=args.allow_images_outside, limit=args.limit)
+  except (ValueError, OSError) as e:  # BenchmarkFileError, an unknown name or prompt format
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _run_benchmarks(args, cfg, graphdef, params, tokenizer, model_cfg, mesh, sources) -> dict:
+  """Evaluates on the benchmarks, writes OUT/summary.json and OUT/predictions.jsonl, prints one JSON line."""
+  from jaxvg import benchmarks
+  os.makedirs(args.out, exist_ok=True)
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+  predictions = os.path.join(args.out, "predictions.jsonl")
+  result = benchmarks.evaluate_benchmarks(
+      graphdef, params, names=args.benchmarks, data_dir=args.data_dir, tokenizer=tokenizer, model_cfg=model_cfg,
+      data_cfg=cfg.data, max_new_tokens=cfg.rollout.max_new_tokens, prompt_format=args.prompt_format,
+      samples=args.samples, temperature=args.temperature, greedy=True if args.greedy else None, seed=cfg.data.seed,
+      mesh=mesh if batch_axes else None, data_axes=batch_axes or ("data",), predictions_path=predictions,
+      sources=sources)
+  summary = os.path.join(args.out, "summary.json")
+  benchmarks.write_report(result, summary)
+  brief = {name: {k: v for k, v in r.items() if k not in ("categories", "source")}
+           for name, r in result["benchmarks"].items()}
+  print(json.dumps({"average": result["average"], "benchmarks": brief, "samples": result["samples"],
+                    "greedy": result["greedy"], "prompt_format": result["prompt_format"], "summary": summary,
+                    "predictions": predictions}))
+  return result
 
 
 if __name__ == "__main__":

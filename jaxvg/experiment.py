@@ -208,6 +208,13 @@ class TrainCfg:
   eval_every: int = 0               # 0: evaluate only before and after
   eval_greedy: bool = True
   eval_white_image: bool = False    # also evaluate with every image white (the control of the accuracy)
+  # The papers' benchmarks (jaxvg.benchmarks, docs/benchmarks_eval.md), read from eval_benchmark_dir: evaluated
+  # greedily at every eval_every step and after the last, into metrics.jsonl / TensorBoard as bench/<name>/...,
+  # with out_dir/benchmarks/ holding each evaluation's summary and predictions. The run's data section sets their
+  # pixel budget, images per prompt and buckets; records that do not fit are counted skips.
+  eval_benchmarks: tuple[str, ...] = ()
+  eval_benchmark_dir: str | None = None
+  eval_benchmark_limit: int = 0     # records per benchmark (0: all)
   samples_logged: int = 4           # rollouts written to samples.jsonl per step
   save_every: int = 1               # checkpoint interval in RL steps (params, optimizer, RNG, data position)
   keep_checkpoints: int = 2

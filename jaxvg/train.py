@@ -71,7 +71,7 @@ class TrainingDiverged(RuntimeError):
 # restores onto any mesh). A prefix ending in "." covers a section.
 RESUMABLE = ("train.steps", "train.eval_every", "train.samples_logged", "train.keep_checkpoints", "train.save_every",
              "train.resume", "train.overwrite", "train.out_dir", "train.log_every", "train.max_skipped_updates",
-             "mesh.")
+             "mesh.", "train.eval_benchmark")
 # What train.overwrite deletes; the warm starts (sft/, teacher/) stay, reused while their signatures match.
 RUN_FILES = ("checkpoints", "final", "tensorboard", "metrics.jsonl", "samples.jsonl", "config.json")
 
@@ -194,6 +194,19 @@ def main(argv=None) -> dict:
     sys.exit(128 + signal.SIGINT)
 
 
+def load_benchmark_sources(cfg: experiment.Config) -> dict:
+  """train.eval_benchmarks' sources, every file checked before any work; a ConfigError names what is missing."""
+  if not cfg.train.eval_benchmarks:
+    return {}
+  from jaxvg import benchmarks
+  try:
+    return benchmarks.load_benchmarks(cfg.train.eval_benchmarks, cfg.train.eval_benchmark_dir,
+                                      allow_images_outside=cfg.data.allow_images_outside,
+                                      limit=cfg.train.eval_benchmark_limit or None)
+  except (ValueError, OSError) as e:  # BenchmarkFileError, an unknown name
+    raise validation.ConfigError(f"train.eval_benchmarks: {e}") from None
+
+
 def run(cfg: experiment.Config, *, probe=None) -> dict:
   """Trains per `cfg`; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first.
 
@@ -203,6 +216,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   """
   validation.validate(cfg)
   check_run_folder(cfg)
+  bench_sources = load_benchmark_sources(cfg)
   out_dir = cfg.train.out_dir
   lead = jax.process_index() == 0
   _start_run_folder(cfg, lead)
@@ -281,6 +295,22 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
     return evaluate.accuracy(state.graphdef, state.params, data, tokenizer=tokenizer, fmt=fmt,
                              reward_fn=reward_fn, max_new_tokens=cfg.rollout.max_new_tokens,
                              stop_token_ids=stop_ids, greedy=cfg.train.eval_greedy)
+
+  def evaluate_benchmarks(state, step: int) -> dict:
+    """The papers' benchmarks (train.eval_benchmarks): flat bench/... metrics; the reports go to out_dir/benchmarks."""
+    if not bench_sources:
+      return {}
+    from jaxvg import benchmarks
+    folder = os.path.join(out_dir, "benchmarks")
+    result = benchmarks.evaluate_benchmarks(
+        state.graphdef, state.params, names=list(bench_sources), data_dir=cfg.train.eval_benchmark_dir,
+        tokenizer=tokenizer, model_cfg=model_cfg, data_cfg=cfg.data, max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=cfg.data.seed, mesh=mesh if batch_axes else None, data_axes=batch_axes or ("data",),
+        predictions_path=os.path.join(folder, f"predictions_{step}.jsonl") if lead else None, sources=bench_sources)
+    if lead:
+      benchmarks.write_report(result, os.path.join(folder, f"summary_{step}.json"))
+    log.info("benchmarks after step %d: average %s", step, result["average"])
+    return benchmarks.flat_metrics(result)
 
   def evaluate_white(state):  # the same split with white images: what the policy gets without looking
     return None if white_data is None else evaluate_now(state, white_data)  # same shapes: no new compile
@@ -461,7 +491,7 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
       writer.write_samples(step, sample_rollouts(tokenizer, drawn, prepared, dep_map, G, cfg.train.samples_logged))
       progress.update(step + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
       if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-        writer.write(step, {"eval/accuracy": evaluate_now(state, eval_data)})
+        writer.write(step, {"eval/accuracy": evaluate_now(state, eval_data), **evaluate_benchmarks(state, step + 1)})
 
       if skipped_in_a_row >= cfg.train.max_skipped_updates:
         ckpt.close()
@@ -489,7 +519,8 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
 
   # ================================================================================= Evaluate after, save
   acc_after, white_after = evaluate_now(state, eval_data), evaluate_white(state)
-  summary = {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after}
+  summary = {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after,
+             **evaluate_benchmarks(state, cfg.train.steps)}
   if white_data is not None:
     summary |= {"eval/white_accuracy_before": white_before, "eval/white_accuracy_after": white_after}
   writer.write(cfg.train.steps, summary)

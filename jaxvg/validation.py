@@ -123,6 +123,15 @@ def validate(cfg: experiment.Config) -> None:
     _at_least(f"train.{name}", getattr(t, name), 1)
   _at_least("train.eval_every", t.eval_every, 0)
   _at_least("train.samples_logged", t.samples_logged, 0)
+  _at_least("train.eval_benchmark_limit", t.eval_benchmark_limit, 0)
+  if t.eval_benchmarks:
+    from jaxvg import benchmarks  # local: only runs that evaluate on them read the benchmark tables
+    unknown = [n for n in t.eval_benchmarks if n not in benchmarks.BENCHMARKS]
+    if unknown:
+      raise ConfigError(f"train.eval_benchmarks: unknown {', '.join(map(repr, unknown))}; choose from "
+                        f"{tuple(benchmarks.BENCHMARKS)}")
+    if not t.eval_benchmark_dir:
+      raise ConfigError("train.eval_benchmark_dir is empty: train.eval_benchmarks reads the benchmarks' files there")
   if not t.out_dir:
     raise ConfigError("train.out_dir is empty")
 
