@@ -1,12 +1,20 @@
 """Shared pieces of the benchmarks: model sizes, the machine's matmul peak, FLOP counts, timing, a torch twin."""
 
+import gc
 import json
+import math
 import os
 import platform
 import tempfile
 import time
 
 import numpy as np
+
+# PyTorch's OpenMP threads wait for work asleep instead of spinning (libgomp reads this once, when torch loads: import
+# this module before torch). On a machine shared with other jobs, a thread spinning at the end of a parallel region
+# takes the core its straggler needs: under a load average of 3-4 on 2 cores PyTorch's mid-size forward took 9.0 s
+# spinning and 2.8 s asleep, and jaxvg / PyTorch ratios followed the load (docs/benchmarks.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def mid_size_hf_config(vocab: int = 32000):
@@ -81,6 +89,87 @@ def best_time(fn, repeats: int = 5) -> float:
     fn()
     times.append(time.perf_counter() - t)
   return min(times)
+
+
+def use_all_cores():
+  """PyTorch's intra-op threads = os.cpu_count(), the size of XLA:CPU's default thread pool, so that both sides of a
+  jaxvg / PyTorch comparison compute on every core (and neither gets a head start from a smaller or larger pool)."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+
+
+def round_robin(fns: dict, *, rounds: int, warmup: int = 1, min_sample_s: float = 0.2,
+                clock=time.perf_counter) -> dict:
+  """Per-call seconds of each of `fns` (name -> callable of no arguments), one sample of each per round.
+
+  Timing each side in its own block lets a change of host load between the blocks move a ratio several-fold (on a
+  shared 2-core machine `forward.py` once gave 1.26, 3.81 and 0.82 on one day); in turns, a load change hits every
+  side within one round. Round r runs the callables in their order rotated by r: with two sides A goes first in even
+  rounds and B in odd ones, so neither always follows the other (caches, spinning threads, allocator state). Each
+  callable first runs `warmup` times untimed (compilation), then is timed to size its samples (up to 3 calls, fewer
+  if they last 3 x `min_sample_s`; the fastest counts, as the first calls after compiling can be slow): a sample
+  repeats the call until it lasts about `min_sample_s`, so a short call is not dominated by timer and scheduler
+  jitter. The garbage collector runs before each sample and is off during it, so a collection lands on neither side.
+
+  Returns {"seconds": {name: [per-call seconds, one per round]}, "calls": {name: calls per sample}}.
+  """
+  if rounds < 7:
+    raise ValueError(f"rounds={rounds}: quartiles of fewer than 7 rounds say little; use 7 or more")
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  calls = {}
+  for name, fn in fns.items():
+    sizing = []
+    while not sizing or (len(sizing) < 3 and sum(sizing) < 3 * min_sample_s):
+      t = clock()
+      fn()
+      sizing.append(clock() - t)
+    calls[name] = max(1, math.ceil(min_sample_s / max(min(sizing), 1e-9)))
+  names = list(fns)
+  seconds = {name: [] for name in names}
+  enabled = gc.isenabled()
+  gc.collect()
+  gc.freeze()  # what exists now is not garbage: the collection before each sample then scans only new objects
+  try:
+    for r in range(rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        gc.collect()
+        gc.disable()
+        t = clock()
+        for _ in range(calls[name]):
+          fns[name]()
+        seconds[name].append((clock() - t) / calls[name])
+        gc.enable()
+  finally:
+    gc.unfreeze()
+    (gc.enable if enabled else gc.disable)()
+  return {"seconds": seconds, "calls": calls}
+
+
+def ratio_stats(num_s, den_s) -> tuple[float, list[float]]:
+  """(median, [q25, q75]) of the per-round ratios num_s[r] / den_s[r]: each ratio compares two samples taken under
+  the same load, and the median and quartiles shrug off a round that one load spike hit on one side only."""
+  ratios = np.asarray(num_s) / np.asarray(den_s)
+  q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+  return float(q50), [float(q25), float(q75)]
+
+
+def interleaved(a, b, *, pairs: int = 9, warmup: int = 1, min_sample_s: float = 0.2, clock=time.perf_counter) -> dict:
+  """Interleaved A/B timing of two callables of no arguments: `ratio` = b's time / a's time (> 1: a is faster).
+
+  A and B alternate (A B, B A, A B, ...) after `warmup` untimed calls of each; see `round_robin` for the method. For
+  a jaxvg / PyTorch comparison call `use_all_cores` first: both sides then use all cores (XLA:CPU by default).
+
+  Returns {"ratio": median per-pair ratio b / a, "ratio_iqr": [q25, q75] of the per-pair ratios, "a_s" / "b_s":
+  median per-call seconds of each side, "pairs": the number of pairs, "calls": [calls per sample of a, of b],
+  "samples_s": [a's per-call seconds by pair, b's]}.
+  """
+  timed = round_robin({"a": a, "b": b}, rounds=pairs, warmup=warmup, min_sample_s=min_sample_s, clock=clock)
+  a_s, b_s = timed["seconds"]["a"], timed["seconds"]["b"]
+  ratio, iqr = ratio_stats(b_s, a_s)
+  return {"ratio": ratio, "ratio_iqr": iqr, "a_s": float(np.median(a_s)), "b_s": float(np.median(b_s)),
+          "pairs": pairs, "calls": [timed["calls"]["a"], timed["calls"]["b"]], "samples_s": [a_s, b_s]}
 
 
 def machine() -> dict:

@@ -6,8 +6,10 @@ Prints one JSON line. A step here is what follows sampling in `jaxvg.train` for 
 (found on the host), the frozen teacher's pass(es) onto the completion grid, the step's normalizers, and one update of
 the student (forward and backward through the full-vocabulary divergences). `vgs_over_opd` = VGS step time / OPD
 step time, the figure the VGS paper reports as 1.375x (App. C) on full training steps, where sampling also counts;
-without sampling the ratio is larger (VGS runs two student and two teacher passes where OPD runs one each). Each method runs one step first
-(compilation), then 3 rounds of one step per method; the best step of each is kept.
+without sampling the ratio is larger (VGS runs two student and two teacher passes where OPD runs one each). Each
+method runs one step first (compilation), then 7 rounds of one step per method in an order rotated every round
+(`common.round_robin`), so a change of machine load hits every method alike; each ratio is the median over rounds of
+the two steps' ratio within a round, `*_iqr` its interquartile range, `rounds` their number.
 
 Sizes (the demo's model on a 2-core CPU): the tiny Qwen2.5-VL-style model (D=128, 4 layers) as student and as a
 separately initialized teacher, 4 synthetic prompts (112 x 112 images) from the real pipeline, G = 4 random 48- to
@@ -30,7 +32,7 @@ import common  # noqa: E402
 from jaxvg import builders, credit, distill, optim, update  # noqa: E402
 from jaxvg.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg  # noqa: E402
 
-G, WIDTH, REPEATS = 4, 96, 3
+G, WIDTH, ROUNDS = 4, 96, 7
 METHODS = {"opd": DistillCfg(method="opd"), "vgs": DistillCfg(method="vgs", eta=0.4),
            "opsd": DistillCfg(method="opsd", divergence="kl_teacher_student", max_token_value=0.05),
            "vigos": DistillCfg(method="vigos", max_token_value=0.05)}
@@ -76,28 +78,31 @@ def main():
     jax.block_until_ready((state.params, metrics))
     return state
 
-  compile_s, times = {}, {name: [] for name in METHODS}
+  holder, compile_s = [state], {}
+
+  def one_step(name):
+    def call():
+      holder[0] = step(holder[0], name)
+    return call
+
   for name in METHODS:
     t = time.perf_counter()
-    state = step(state, name)
+    one_step(name)()
     compile_s[name] = time.perf_counter() - t
-  for _ in range(REPEATS):  # round robin, so a change of machine load hits every method alike
-    for name in METHODS:
-      t = time.perf_counter()
-      state = step(state, name)
-      times[name].append(time.perf_counter() - t)
-  seconds = {name: min(t) for name, t in times.items()}
+  sec = common.round_robin({name: one_step(name) for name in METHODS}, rounds=ROUNDS, warmup=0)["seconds"]
+  ratios = {}
+  for name in ("vgs", "opsd", "vigos"):
+    ratios[f"{name}_over_opd"], ratios[f"{name}_over_opd_iqr"] = common.ratio_stats(sec[name], sec["opd"])
   common.emit({
       "bench": "distill_step",
       "backend": jax.default_backend(),
       **common.machine(),
       "sizes": {"prompts": len(batch.answers), "samples": G, "completion_tokens": WIDTH,
                 "prompt_tokens": int(ctx["real"].input_ids_BT.shape[1]), "model": "tiny D128 L4 (student, teacher)"},
-      "step_s": seconds,
+      "step_s": {name: float(np.median(sec[name])) for name in METHODS},
       "first_step_s": compile_s,
-      "vgs_over_opd": seconds["vgs"] / seconds["opd"],
-      "opsd_over_opd": seconds["opsd"] / seconds["opd"],
-      "vigos_over_opd": seconds["vigos"] / seconds["opd"],
+      "rounds": ROUNDS,
+      **ratios,
   })
 
 

@@ -5,7 +5,9 @@
 Prints one JSON line.
   cost_over_flop_ratio = (text-only pass time / image pass time) / (text-only FLOPs / image FLOPs)
     1.0: the compacted pass (image pads dropped, vision tower skipped) saves exactly its share of FLOPs; > 1: it saves
-    less time than FLOPs (fixed overheads). Both passes score the same completion (log-probs, no entropy).
+    less time than FLOPs (fixed overheads). Both passes score the same completion (log-probs, no entropy). The two
+    passes alternate (`common.interleaved`, 9 pairs): the time ratio is the median of the per-pair ratios, and
+    `cost_over_flop_ratio_iqr` the interquartile range of those ratios over the FLOP ratio.
   kl_peak_mem_chunked_over_naive = XLA's compile-time temp bytes of the chunked full-vocabulary KL between the two
     passes (`divergences.chunked_kl`, what `dependency.full_kl` runs) / those of a naive [N, T, V] log-softmax KL,
     at Qwen's vocabulary; nothing is allocated.
@@ -32,7 +34,7 @@ from jaxvg.models import ModelConfig, Qwen25VL  # noqa: E402
 
 TEXT_PROMPT, GRID, COMPLETION = 64, (1, 32, 64), 448
 KL_VOCAB, KL_TOKENS, KL_WIDTH, KL_CHUNK = 151936, 2048, 64, 256
-REPEATS = 3
+PAIRS = 9
 
 
 def bench_config() -> ModelConfig:
@@ -85,8 +87,9 @@ def main():
   t0 = time.perf_counter()
   jax.block_until_ready((logps(params, prompt), logps(params, text_only)))
   compile_s = time.perf_counter() - t0
-  image_s = common.best_time(lambda: jax.block_until_ready(logps(params, prompt)), REPEATS)
-  text_s = common.best_time(lambda: jax.block_until_ready(logps(params, text_only)), REPEATS)
+  timing = common.interleaved(lambda: jax.block_until_ready(logps(params, prompt)),
+                              lambda: jax.block_until_ready(logps(params, text_only)), pairs=PAIRS, warmup=0)
+  image_s, text_s = timing["a_s"], timing["b_s"]
   image_tokens = prompt.input_ids_BT.shape[1] + COMPLETION
   text_tokens = text_only.input_ids_BT.shape[1] + COMPLETION
   image_flops = pass_flops(cfg, tokens=image_tokens, patches=patches)
@@ -104,9 +107,11 @@ def main():
       "compile_s": compile_s,
       "image_gflop": image_flops / 1e9,
       "text_only_gflop": text_flops / 1e9,
-      "time_ratio": text_s / image_s,
+      "time_ratio": timing["ratio"],
       "flop_ratio": text_flops / image_flops,
-      "cost_over_flop_ratio": (text_s / image_s) / (text_flops / image_flops),
+      "cost_over_flop_ratio": timing["ratio"] / (text_flops / image_flops),
+      "cost_over_flop_ratio_iqr": [q / (text_flops / image_flops) for q in timing["ratio_iqr"]],
+      "pairs": PAIRS,
       "kl": {"vocab": KL_VOCAB, "tokens": KL_TOKENS, "chunk": KL_CHUNK, "chunked_temp_bytes": chunked,
              "naive_temp_bytes": naive},
       "kl_peak_mem_chunked_over_naive": chunked / naive,

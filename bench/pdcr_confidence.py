@@ -5,7 +5,9 @@
 Prints one JSON line. `speedup` = (time of the K + 1 = 9 causal passes over [prompt | H_<=k | suffix], each as wide as
 its longest prefix rounded up to 32 tokens, `confidence.separate_confidences`) / (time of the one pass over
 [prompt | completion | 9 suffix copies] under the tree mask, `confidence.tree_confidences`). Both compute the same
-c_k (their largest difference is reported). Compilation is excluded (each is run once first).
+c_k (their largest difference is reported). Compilation is excluded (each is run once first). The two alternate
+(`common.interleaved`, 9 pairs): `speedup` is the median of the per-pair ratios, `speedup_iqr` their interquartile
+range, `pairs` their number.
 
 Sizes (a small model for a 2-core CPU): B = 2 prompts of 96 text + 64 visual tokens (a 224 x 224 image), G = 2
 samples each, 512-token completions of 8 steps of 64 tokens, a 16-token suffix; decoder D=256, 4 layers, V=32000.
@@ -13,7 +15,6 @@ samples each, 512-token completions of 8 steps of 64 tokens, a 16-token suffix; 
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -27,7 +28,7 @@ from jaxvg import confidence, scoring  # noqa: E402
 from jaxvg.models import ModelConfig, Qwen25VL  # noqa: E402
 
 B, G, TEXT, GRID, STEPS, STEP_LEN, SUFFIX, ANSWER = 2, 2, 96, (1, 16, 16), 8, 64, 16, 4
-REPEATS = 2
+PAIRS = 9
 
 
 def bench_config() -> ModelConfig:
@@ -55,12 +56,6 @@ def inputs(cfg: ModelConfig):
   return prompt, tokens, mask, jnp.asarray(boundary), suffix
 
 
-def _seconds(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
 def main():
   cfg = bench_config()
   graphdef, params = nnx.split(Qwen25VL(cfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -74,8 +69,8 @@ def main():
                                            suffix=suffix, width_multiple=32)
 
   c_one, c_sep = one_pass(), separate()  # compiles (every pass width of the separate ones included)
-  one_s = min(_seconds(one_pass) for _ in range(REPEATS))
-  sep_s = min(_seconds(separate) for _ in range(REPEATS))
+  timing = common.interleaved(one_pass, separate, pairs=PAIRS, warmup=0)
+  one_s, sep_s = timing["a_s"], timing["b_s"]
   T0 = prompt.input_ids_BT.shape[1]
   tree_tokens = T0 + tokens.shape[1] + (STEPS + 1) * SUFFIX
   separate_tokens = sum(T0 + -(-(k * STEP_LEN + SUFFIX) // 32) * 32 for k in range(STEPS + 1))
@@ -87,7 +82,9 @@ def main():
                 "steps": STEPS, "suffix_tokens": SUFFIX, "decoder": "D256 L4 V32000"},
       "separate_passes_s": sep_s,
       "one_pass_s": one_s,
-      "speedup": sep_s / one_s,
+      "speedup": timing["ratio"],
+      "speedup_iqr": timing["ratio_iqr"],
+      "pairs": PAIRS,
       "row_tokens_separate_over_one_pass": separate_tokens / tree_tokens,
       "max_abs_diff": float(np.max(np.abs(c_one - c_sep))),
   })

@@ -5,11 +5,13 @@
 Prints one JSON line. A step here is what follows sampling in `jaxvg.train`: old-policy scoring, group advantages,
 the credit function (`credit.make_credit_fn`; nothing for DAPO), and one accumulated policy update (forward and
 backward). `pgpo_over_dapo` = PGPO step time / DAPO step time; `pacr_over_dapo` and `pdcr_over_dapo` likewise.
-Each method runs one step first (compilation), then 3 rounds of one step per method; the best step of each is kept.
-The paper reports +10.6% wall-clock for PGPO over DAPO on 3B, where sampling dominates the step; without sampling
-the ratio is larger. `*_over_dapo_with_sampling` adds, to every step, the sampling that precedes it in the training
-loop (G samples of up to 96 new tokens per prompt with the jitted sampler, timed in the same round), the whole-step
-figure the paper's +10.6% compares with. On a shared machine the ratios move by about 0.1 from run to run.
+Each method runs one step first (compilation), then 7 rounds (`common.round_robin`), each of one sampling and one
+step per method in an order rotated every round, so a change of machine load hits every method alike; each ratio
+is the median over rounds of the two steps' ratio within a round, `*_iqr` its interquartile range, `rounds` their
+number. The paper reports +10.6% wall-clock for PGPO over DAPO on 3B, where sampling dominates the step; without
+sampling the ratio is larger. `*_over_dapo_with_sampling` adds, to both steps of a round, the sampling that precedes a
+step in the training loop (G samples of up to 96 new tokens per prompt with the jitted sampler, timed in the same
+round), the whole-step figure the paper's +10.6% compares with.
 
 Sizes (the demo's model on a 2-core CPU): the tiny Qwen2.5-VL-style model (D=128, 4 layers), 4 synthetic prompts
 (112 x 112 images) from the real pipeline, G = 4 random 48- to 96-token completions each.
@@ -30,7 +32,7 @@ import common  # noqa: E402
 from jaxvg import advantages, builders, credit, losses, optim, rollout, update  # noqa: E402
 from jaxvg.experiment import CreditCfg, DataCfg, ModelCfg  # noqa: E402
 
-G, WIDTH, REPEATS = 4, 96, 3
+G, WIDTH, ROUNDS = 4, 96, 7
 METHODS = {"dapo": CreditCfg(method="none"), "pgpo": CreditCfg(method="pgpo", counterfactual="mask_visual"),
            "pacr": CreditCfg(method="pacr", max_steps=8),
            "pdcr": CreditCfg(method="pdcr", counterfactual="white_image", max_steps=8)}
@@ -81,36 +83,37 @@ def main():
 
   fns = {name: credit.make_credit_fn(cfg, model.cfg, tok, G, fmt=fmt) for name, cfg in METHODS.items()}
   sample(state, 0)  # compile the sampler
-  compile_s, times, sample_s = {}, {name: [] for name in METHODS}, {name: [] for name in METHODS}
+  holder, seeds, compile_s = [state], iter(range(1, 1 << 30)), {}
+
+  def one_step(fn):
+    def call():
+      holder[0] = step(holder[0], fn)
+    return call
+
   for name, fn in fns.items():
     t = time.perf_counter()
-    state = step(state, fn)
+    one_step(fn)()
     compile_s[name] = time.perf_counter() - t
-  for _ in range(REPEATS):  # round robin, so a change of machine load hits every method alike
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      sample(state, len(times[name]) + 1)
-      sample_s[name].append(time.perf_counter() - t)
-      t = time.perf_counter()
-      state = step(state, fn)
-      times[name].append(time.perf_counter() - t)
-  seconds = {name: min(t) for name, t in times.items()}
-  full = {name: min(a + b for a, b in zip(sample_s[name], times[name])) for name in METHODS}
+  timed = common.round_robin({"sample": lambda: sample(holder[0], next(seeds)),
+                              **{name: one_step(fn) for name, fn in fns.items()}}, rounds=ROUNDS, warmup=0)
+  sec = timed["seconds"]
+  with_sampling = {name: np.add(sec["sample"], sec[name]) for name in METHODS}
+  ratios = {}
+  for name in ("pgpo", "pacr", "pdcr"):
+    ratios[f"{name}_over_dapo"], ratios[f"{name}_over_dapo_iqr"] = common.ratio_stats(sec[name], sec["dapo"])
+    ratios[f"{name}_over_dapo_with_sampling"], ratios[f"{name}_over_dapo_with_sampling_iqr"] = common.ratio_stats(
+        with_sampling[name], with_sampling["dapo"])
   common.emit({
       "bench": "rl_step",
       "backend": jax.default_backend(),
       **common.machine(),
       "sizes": {"prompts": len(batch.answers), "samples": G, "completion_tokens": WIDTH,
                 "prompt_tokens": int(prompt.input_ids_BT.shape[1]), "model": "tiny D128 L4"},
-      "step_s": seconds,
+      "step_s": {name: float(np.median(sec[name])) for name in METHODS},
       "first_step_s": compile_s,
-      "pgpo_over_dapo": seconds["pgpo"] / seconds["dapo"],
-      "pacr_over_dapo": seconds["pacr"] / seconds["dapo"],
-      "pdcr_over_dapo": seconds["pdcr"] / seconds["dapo"],
-      "sample_s": {name: min(t) for name, t in sample_s.items()},
-      "pgpo_over_dapo_with_sampling": full["pgpo"] / full["dapo"],
-      "pacr_over_dapo_with_sampling": full["pacr"] / full["dapo"],
-      "pdcr_over_dapo_with_sampling": full["pdcr"] / full["dapo"],
+      "sample_s": float(np.median(sec["sample"])),
+      "rounds": ROUNDS,
+      **ratios,
   })
 
 

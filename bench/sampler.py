@@ -6,7 +6,11 @@
 Both sides load one checkpoint written by transformers' `save_pretrained` (jaxvg through `load_hf`), sample at
 temperature 1 with top-k / top-p off and no stop token, so every row generates exactly `--new` tokens. transformers
 expands each prompt G times before its prefill; jaxvg prefills each prompt once and repeats its cache. Compile time is
-reported separately and excluded from jaxvg's tokens/s; transformers gets one warm-up call.
+reported separately and excluded from jaxvg's tokens/s; transformers gets one warm-up call. The two then alternate
+(`common.interleaved`, --pairs pairs, 7 by default; both use all cores): `speedup` = transformers' time / jaxvg's for
+the same tokens, the median of the per-pair ratios, with their interquartile range in `speedup_iqr`; tokens/s are at
+each side's median time. At the default sizes a mid-size transformers call takes minutes, so the run takes about
+half an hour on a 2-core CPU.
 
 `frac_of_bandwidth_roofline` = (decoder weight bytes / measured memory bandwidth) / jaxvg decode-step time: 1.0 would
 mean a decode step costs no more than reading the weights once. The bandwidth is a large numpy copy (read + write).
@@ -23,15 +27,18 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from flax import nnx
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+sys.path.insert(0, os.path.dirname(__file__))
 
-import jaxvg.models as M
-from jaxvg import rollout as R
+import common  # noqa: E402  (before torch: it sets the OpenMP wait policy)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+import jaxvg.models as M  # noqa: E402
+from jaxvg import rollout as R  # noqa: E402
 
 IMAGE_GRID = (1, 4, 8)  # one 56 x 112 px image per prompt: 32 patches -> 8 image tokens
 SIZES = {
@@ -143,7 +150,8 @@ def hf_generate(model, ids, mask, types, pixels, grid, *, samples: int, new: int
   return out[:, ids.shape[1]:].numpy()
 
 
-def bench_size(size: str, *, batch: int, samples: int, new: int, text_tokens: int, bandwidth: float) -> dict:
+def bench_size(size: str, *, batch: int, samples: int, new: int, text_tokens: int, bandwidth: float,
+               pairs: int) -> dict:
   with tempfile.TemporaryDirectory() as path:
     hf = make_checkpoint(size, path)
     model = M.load_hf(path, dtype=jnp.float32)
@@ -162,7 +170,7 @@ def bench_size(size: str, *, batch: int, samples: int, new: int, text_tokens: in
   ours = R.rollout(graphdef, params, **jax_inputs(cfg, *sub), key=key, config=greedy).tokens_BT
   result["greedy_match_hf"] = bool((np.asarray(ours) == hf_generate(hf, *sub, samples=1, new=4, greedy=True)).all())
 
-  # jaxvg: compile, then one timed rollout split into prefill and decode.
+  # jaxvg: compile; a timed rollout is split into prefill and decode.
   t = time.perf_counter()
   prefill_args = (inputs["input_ids_BT"], inputs["attention_mask_BT"], inputs["positions_3BT"], inputs["deltas_B"],
                   inputs["vision"])
@@ -172,28 +180,32 @@ def bench_size(size: str, *, batch: int, samples: int, new: int, text_tokens: in
   R.decode.lower(graphdef, params, cache, prefix, key, config=config, **static).compile()
   result["jaxvg_compile_s"] = round(time.perf_counter() - t, 2)
   jax.block_until_ready(R.decode(graphdef, params, cache, prefix, key, config=config, **static))
-  t0 = time.perf_counter()
-  cache, prefix = jax.block_until_ready(R.prefill(graphdef, params, *prefill_args, num_samples=samples,
-                                                  max_new_tokens=new, **static))
-  t1 = time.perf_counter()
-  out, _ = jax.block_until_ready(R.decode(graphdef, params, cache, prefix, key, config=config, **static))
-  t2 = time.perf_counter()
   tokens = batch * samples * new
-  assert int(np.asarray(out.lengths_B).sum()) == tokens
-  step_s = (t2 - t1) / new
-  result.update(jaxvg_prefill_s=round(t1 - t0, 3), jaxvg_decode_step_ms=round(1e3 * step_s, 2),
-                jaxvg_tokens_per_s=round(tokens / (t2 - t0), 1))
-  log(f"[{size}] jaxvg: {result}")
+  prefill_s, decode_s = [], []
 
-  # transformers: one small warm-up call, then the timed generate().
-  torch.set_num_threads(os.cpu_count())
+  def jaxvg_rollout():
+    t0 = time.perf_counter()
+    cache, prefix = jax.block_until_ready(R.prefill(graphdef, params, *prefill_args, num_samples=samples,
+                                                    max_new_tokens=new, **static))
+    t1 = time.perf_counter()
+    out, _ = jax.block_until_ready(R.decode(graphdef, params, cache, prefix, key, config=config, **static))
+    prefill_s.append(t1 - t0)
+    decode_s.append(time.perf_counter() - t1)
+    assert int(np.asarray(out.lengths_B).sum()) == tokens
+
+  def hf_rollout():
+    hf_tokens = hf_generate(hf, ids, mask, types, pixels, grid, samples=samples, new=new)
+    assert hf_tokens.shape == (batch * samples, new), hf_tokens.shape
+
+  # transformers: one small warm-up call; then the two alternate.
   hf_generate(hf, *make_prompts(cfg, 1, text_tokens, seed=2), samples=1, new=2)
-  t = time.perf_counter()
-  hf_tokens = hf_generate(hf, ids, mask, types, pixels, grid, samples=samples, new=new)
-  hf_s = time.perf_counter() - t
-  assert hf_tokens.shape == (batch * samples, new), hf_tokens.shape
-  result["hf_tokens_per_s"] = round(tokens / hf_s, 1)
-  result["speedup"] = round(result["jaxvg_tokens_per_s"] / result["hf_tokens_per_s"], 2)
+  timing = common.interleaved(jaxvg_rollout, hf_rollout, pairs=pairs, warmup=0)
+  step_s = float(np.median(decode_s)) / new
+  result.update(jaxvg_prefill_s=round(float(np.median(prefill_s)), 3), jaxvg_decode_step_ms=round(1e3 * step_s, 2),
+                jaxvg_tokens_per_s=round(tokens / timing["a_s"], 1), hf_tokens_per_s=round(tokens / timing["b_s"], 1),
+                speedup=round(timing["ratio"], 2), speedup_iqr=[round(q, 2) for q in timing["ratio_iqr"]],
+                pairs=pairs)
+  log(f"[{size}] jaxvg and transformers: {result}")
 
   decoder = jax.tree.leaves(nnx.state(model.decoder, nnx.Param))
   decoder_bytes = sum(x.size * x.dtype.itemsize for x in decoder)
@@ -216,16 +228,19 @@ def main():
   parser.add_argument("--new", type=int, default=32, help="new tokens per sample")
   parser.add_argument("--text", type=int, default=24, help="text tokens per prompt (plus 10 image tokens)")
   parser.add_argument("--sizes", default="tiny,mid")
+  parser.add_argument("--pairs", type=int, default=7, help="alternated jaxvg / transformers pairs (7 or more)")
   args = parser.parse_args()
+  common.use_all_cores()
   bandwidth = memory_bandwidth()
   log(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s")
   sizes = {s: bench_size(s, batch=args.batch, samples=args.samples, new=args.new, text_tokens=args.text,
-                         bandwidth=bandwidth) for s in args.sizes.split(",")}
+                         bandwidth=bandwidth, pairs=args.pairs) for s in args.sizes.split(",")}
   main_size = "mid" if "mid" in sizes else next(iter(sizes))
   line = {
       "bench": "sampler", "device": "cpu", "cpu_count": os.cpu_count(), "batch": args.batch,
       "samples_per_prompt": args.samples, "new_tokens": args.new,
-      "speedup": sizes[main_size]["speedup"], "speedup_config": main_size,
+      "speedup": sizes[main_size]["speedup"], "speedup_iqr": sizes[main_size]["speedup_iqr"], "pairs": args.pairs,
+      "speedup_config": main_size,
       "compile_s": {s: r["jaxvg_compile_s"] for s, r in sizes.items()},
       "frac_of_bandwidth_roofline": sizes[main_size]["frac_of_bandwidth_roofline"],
       "frac_of_compute_roofline": sizes[main_size]["frac_of_compute_roofline"],

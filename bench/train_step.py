@@ -2,8 +2,11 @@
 
   python bench/train_step.py [--quick]
 
-Prints one JSON line: `speedup` = PyTorch step time / jaxvg step time at the mid-size config (> 1: jaxvg faster), and
-`frac_of_matmul_peak` = the jaxvg step's matmul GFLOP/s (3x the forward's FLOPs) / the measured float32 matmul peak.
+Prints one JSON line: `speedup` = PyTorch step time / jaxvg step time at the mid-size config (> 1: jaxvg faster), the
+median of the per-pair ratios of an interleaved A/B (`common.interleaved`: jaxvg and PyTorch steps alternate, 9 pairs,
+7 with --quick) with their interquartile range in `speedup_iqr` and the number of pairs in `pairs`; both sides use all
+cores, PyTorch's OpenMP threads waiting asleep, not spinning (see bench/common.py). `frac_of_matmul_peak` = the jaxvg
+step's matmul GFLOP/s (3x the forward's FLOPs, median step time) / the measured float32 matmul peak.
 """
 
 import argparse
@@ -12,13 +15,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import common  # noqa: E402  (before torch: it sets the OpenMP wait policy)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import common  # noqa: E402
 from jaxvg import losses, optim, scoring, update  # noqa: E402
 from jaxvg.models import load_hf  # noqa: E402
 
@@ -32,7 +35,7 @@ def torch_step_fn(model, inputs, tokens, mask, adv, G, lr):
   am = torch.cat([rep(inputs["attention_mask"]), torch.as_tensor(mask)], 1)
   mm = torch.cat([rep(inputs["mm_token_type_ids"]), torch.zeros_like(torch.as_tensor(tokens))], 1)
   # Each prompt's image goes with each of its G rows.
-  pv = torch.as_tensor(np.concatenate([inputs["pixel_values"]] * G)) if G > 1 else torch.as_tensor(inputs["pixel_values"])
+  pv = torch.as_tensor(np.concatenate([inputs["pixel_values"]] * G))
   grid = torch.as_tensor(np.repeat(inputs["image_grid_thw"], G, axis=0))
   t_mask = torch.as_tensor(mask, dtype=torch.float32)
   t_adv = torch.as_tensor(adv)
@@ -51,7 +54,7 @@ def torch_step_fn(model, inputs, tokens, mask, adv, G, lr):
   return step
 
 
-def measure(hf_config, image_size, text_tokens, completion, B, G, repeats):
+def measure(hf_config, image_size, text_tokens, completion, B, G, pairs):
   torch_model, path = common.save_torch_twin(hf_config)
   torch_model.train()
   model = load_hf(path)
@@ -78,28 +81,30 @@ def measure(hf_config, image_size, text_tokens, completion, B, G, repeats):
   def jax_step():
     holder[0], m = step(holder[0], batch)
     jax.block_until_ready(m)
-  jax_time = common.best_time(jax_step, repeats)
-  torch_time = common.best_time(torch_step_fn(torch_model, dict(input_ids=ids, attention_mask=mask,
-                                                                mm_token_type_ids=mm, pixel_values=pixels,
-                                                                image_grid_thw=grid),
-                                              tokens, cmask, adv, G, 1e-6), repeats)
+  torch_step = torch_step_fn(torch_model, dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm,
+                                               pixel_values=pixels, image_grid_thw=grid), tokens, cmask, adv, G, 1e-6)
+  timing = common.interleaved(jax_step, torch_step, pairs=pairs)
+  jax_time, torch_time = timing["a_s"], timing["b_s"]
   flops = 3 * common.forward_flops(model.cfg, tokens=ids.shape[1] + completion,
                                    patches=int(np.prod(grid, 1).sum()) // B, batch=B * G)
-  return {"jax_s": jax_time, "torch_s": torch_time, "speedup": torch_time / jax_time,
+  return {"jax_s": jax_time, "torch_s": torch_time, "speedup": timing["ratio"], "speedup_iqr": timing["ratio_iqr"],
+          "pairs": pairs, "calls_per_sample": timing["calls"],
+          "samples_s": [[round(t, 4) for t in side] for side in timing["samples_s"]],
           "jax_gflops": flops / jax_time / 1e9, "rows": B * G, "seq_len": int(ids.shape[1] + completion)}
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--quick", action="store_true", help="7 pairs instead of 9")
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count())
-  repeats = 2 if args.quick else 3
+  common.use_all_cores()
+  pairs = 7 if args.quick else 9
   peak = common.matmul_peak_gflops()
-  tiny = measure(common.tiny_hf_config(), 112, 32, 32, 2, 2, repeats)
-  mid = measure(common.mid_size_hf_config(), 224, 64, 64, 2, 2, repeats)
-  common.emit({"bench": "train_step", "speedup": mid["speedup"], "frac_of_matmul_peak": mid["jax_gflops"] / peak,
-               "matmul_peak_gflops": peak, "tiny": tiny, "mid": mid, **common.machine()})
+  tiny = measure(common.tiny_hf_config(), 112, 32, 32, 2, 2, pairs)
+  mid = measure(common.mid_size_hf_config(), 224, 64, 64, 2, 2, pairs)
+  common.emit({"bench": "train_step", "speedup": mid["speedup"], "speedup_iqr": mid["speedup_iqr"], "pairs": pairs,
+               "frac_of_matmul_peak": mid["jax_gflops"] / peak, "matmul_peak_gflops": peak, "tiny": tiny, "mid": mid,
+               "load_average_1min": os.getloadavg()[0], **common.machine()})
 
 
 if __name__ == "__main__":
