@@ -144,6 +144,7 @@ class WhiteImages:
 
   def __init__(self, src):
     self.src = src
+    self.path = getattr(src, "path", None)  # named in errors about the data
 
   def __len__(self) -> int:
     return len(self.src)

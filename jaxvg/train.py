@@ -32,6 +32,7 @@ from jaxvg import advantages as adv_lib
 from jaxvg import builders, checkpoint, config_lib, credit, distill, dynamic_sampling, evaluate, experiment, losses
 from jaxvg import hosts, metrics, optim, rollout, sft, sharding, update, validation
 from jaxvg import rewards as rewards_lib
+from jaxvg.data import pipeline
 
 log = logging.getLogger("jaxvg")
 
@@ -188,6 +189,9 @@ def main(argv=None) -> dict:
   except checkpoint.SaveError as e:
     log.error("%s", e)
     sys.exit(4)
+  except pipeline.NoUsableRecords as e:  # every record of a split was skipped: the data or its config is wrong
+    print(f"data error: {e}", file=sys.stderr)
+    sys.exit(2)
   except KeyboardInterrupt:  # Ctrl-C outside the RL loop (warm start, evaluation): nothing to save there
     log.warning("interrupted (SIGINT) outside the training loop; the newest checkpoint, if any, is where a new run "
                 "of the same command resumes")

@@ -70,6 +70,21 @@ def test_config_mistakes_are_one_line_before_any_work(tmp_path, capsys, assignme
   assert not out.exists()  # nothing was written
 
 
+def test_a_split_without_a_usable_record_is_one_line_naming_the_file(tmp_path, capsys):
+  data = tmp_path / "train.jsonl"
+  data.write_text("".join(json.dumps({"id": f"r{i}", "image": f"missing{i}.png", "problem": "<image>How many?",
+                                      "answer": "3"}) + "\n" for i in range(2)))
+  with pytest.raises(SystemExit) as e:
+    train.main(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
+                "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "data.source=jsonl", "--set", f"data.path={data}",
+                "--set", "sft.steps=0", "--set", "sft.perception_steps=0", "--set", "model.tiny_width=32",
+                "--set", "model.tiny_layers=1", "--set", "model.tiny_vision_width=32"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0] == (f"data error: {data}: the dataset yielded no usable record; counts: "
+                                      "{'ok': 0, 'missing_image_file': 2}"), err
+
+
 def test_runaway_updates_stop_the_run_without_saving_them(tmp_path, capsys):
   # lr = 1e30: every update would move the weights by far more than their own norm (a random tiny policy earns no
   # reward, so weight decay makes the update), so the guard skips each one; after train.max_skipped_updates = 2 in

@@ -129,16 +129,27 @@ def interleave(per_host: list[list]) -> list:
   return [h[j] for j in range(width) for h in per_host if j < len(h)]
 
 
+class NoUsableRecords(ValueError):
+  """Every record of a source was skipped: the message names the source and the skip counts per reason."""
+
+
+def describe(source) -> str:
+  """The source's file (a reader's `path`), or its class name."""
+  path = getattr(source, "path", None)
+  return str(path) if path else type(source).__name__
+
+
 class BatchIterator(grain.DatasetIterator):
   """Skips and counts rejected records, and collates the rest into `Batch`es (always in the main process)."""
 
   def __init__(self, parent, *, data: DataConfig, prompt: processing.PromptConfig, vision: VisionConfig,
-               pad_id: int, epoch_size: int, hosts: int = 1):
+               pad_id: int, epoch_size: int, hosts: int = 1, name: str = "the data"):
     super().__init__(parent)
     self._data, self._prompt, self._vision, self._pad_id = data, prompt, vision, pad_id
     self._hosts = hosts  # > 1: each host reads batch_size / hosts records, and the batch gathers every host's
     self._local_size = data.batch_size // hosts
     self._epoch_size = epoch_size
+    self._name = name
     self._counts = {"ok": 0}
     self._streak = 0  # rejections since the last usable record
 
@@ -160,8 +171,8 @@ class BatchIterator(grain.DatasetIterator):
       log.warning("skipping record %s (%s: %s); counts so far: %s", item.id, item.reason, item.detail, self._counts)
     # Two epochs' worth of consecutive rejections contain one whole epoch: then no record of the shard is usable.
     if self._streak >= 2 * self._epoch_size:
-      raise ValueError(f"no usable record in {self._streak} consecutive records (a whole epoch of this shard); "
-                       f"counts: {self._counts}")
+      raise NoUsableRecords(f"{self._name}: no usable record in {self._streak} consecutive records (a whole epoch "
+                            f"of this shard); counts: {self._counts}")
 
   def __next__(self) -> Batch:
     examples, exhausted = [], False
@@ -182,7 +193,7 @@ class BatchIterator(grain.DatasetIterator):
     short = len(examples) < self._data.batch_size
     if not examples or (short and self._data.drop_remainder):
       if self._counts["ok"] == 0 and exhausted:
-        raise ValueError(f"the dataset yielded no usable record; counts: {self._counts}")
+        raise NoUsableRecords(f"{self._name}: the dataset yielded no usable record; counts: {self._counts}")
       raise StopIteration
     v = self._vision
     return collate(examples, batch_size=self._data.batch_size, length_buckets=self._data.length_buckets,
@@ -261,7 +272,7 @@ def make_dataset(source, *, tokenizer, prompt: processing.PromptConfig, data: Da
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count, per_worker_buffer_size=2),
                         worker_init_fn=_worker_init)
   return BatchDataset(it, data=data, prompt=prompt, vision=vision, pad_id=int(tokenizer.pad_token_id),
-                      epoch_size=per_shard, hosts=hosts_count)
+                      epoch_size=per_shard, hosts=hosts_count, name=describe(source))
 
 
 def _mark_flags_parsed():
