@@ -11,7 +11,8 @@ import pytest
 from jaxvg import benchmarks, evaluate
 from jaxvg.benchmarks import run
 from jaxvg.data.processing import RecordError
-from test_benchmarks_fixtures import IMAGE_STRUCT, image_cell, mmstar_tsv, png, write_benchmarks, write_parquet
+from test_benchmarks_fixtures import (IMAGE_STRUCT, image_cell, logicvista_github, mmstar_tsv, png, wemath_rows,
+                                      write_benchmarks, write_parquet)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "..", "configs", "demo.py")
@@ -44,7 +45,11 @@ def test_every_benchmark_reads_its_published_layout(data_dir):
       "mmmu": ["validation_Accounting_1", "validation_Accounting_2"],
       "mmmu_pro_standard": ["test_Art_1", "test_Art_2"], "mmmu_pro_vision": ["test_Art_1"],
       "hallusionbench": ["VD_illusion_0_0_0", "VD_illusion_0_1_0", "VD_illusion_0_0_1", "VS_chart_1_0_0"],
-      "realworldqa": ["0", "1"], "cvbench": ["2D:0", "2D:1", "3D:0"], "mmstar": ["0", "1"]}
+      "realworldqa": ["0", "1"], "cvbench": ["2D:0", "2D:1", "3D:0"], "mmstar": ["0", "1"],
+      "logicvista": ["v1_0", "v1_1", "v1_2"],
+      "wemath": ["2steps_1#1", "2steps_1#2", "2steps_1#multi", "3steps_1#1", "3steps_1#2", "3steps_1#3",
+                 "3steps_1#multi"],
+      "vilp": ["0#1", "0#2", "0#3", "1#1", "1#2", "1#3"], "vilp_p": ["0#1", "0#2", "0#3", "1#1", "1#2", "1#3"]}
   for name, source in sources.items():
     good, bad = records(source)
     assert [r["id"] for r in good] == expected_ids[name], name
@@ -138,6 +143,42 @@ def test_mathverse_json_with_an_image_folder(tmp_path):
   assert source[0]["problem"] == "<image>Reason, then answer." and source[0]["images"] == [str(root / "images/a.png")]
 
 
+def test_one_row_of_vilp_is_three_records_with_and_without_the_fact(data_dir):
+  sources = benchmarks.load_benchmarks("vilp,vilp_p", data_dir)
+  f, p = records(sources["vilp"])[0], records(sources["vilp_p"])[0]
+  assert f[0]["problem"] == "<image>Please answer with one word: A spider has eight legs. How many legs does this " \
+                            "spider have?"
+  assert p[0]["problem"] == "<image>Please answer with one word: How many legs does this spider have?"
+  assert [r["answer"] for r in f[:3]] == ["8", "6", "10"] and len({r["images"][0] for r in f[:3]}) == 3
+  limited = benchmarks.load_benchmarks("vilp", data_dir, limit=4)["vilp"]
+  assert [e.id for _, e in limited.entries] == ["0#1", "0#2", "0#3", "1#1"]  # the limit counts records, not rows
+
+
+def test_logicvista_and_wemath_json_with_their_image_folders(tmp_path):
+  """The repositories' own layouts: LogicVista's data/dataset.json names "v1_0.png" for data/images/v1_0.png;
+  We-Math's data/testmini.json names "2steps/image/1-1.png" for data/2steps/image/1-1.png."""
+  logicvista_github(str(tmp_path))
+  source = benchmarks.load_benchmarks("logicvista", str(tmp_path))["logicvista"]
+  good, bad = records(source)
+  assert [r["id"] for r in good] == ["v1_0", "v1_1", "v1_2"] and not bad
+  assert good[1]["images"] == [str(tmp_path / "LogicVista" / "data" / "images" / "v1_1.png")]
+  assert good[1]["answer"] == "A, C" and source.items["v1_2"].categories["skill"] == ["numerical"]
+  root = tmp_path / "We-Math" / "data"
+  rows = wemath_rows()
+  for r in rows[:-1]:  # the last image is missing: a counted skip
+    os.makedirs(root / os.path.dirname(r["image_path"]), exist_ok=True)
+    (root / r["image_path"]).write_bytes(png())
+  (root / "testmini.json").write_text(json.dumps(rows))
+  good, bad = records(benchmarks.load_benchmarks("wemath", str(tmp_path))["wemath"])
+  assert len(good) == 6 and bad == {6: "missing_image_file"}
+  assert good[0]["images"] == [str(root / "2steps" / "image" / "1-1.png")]
+  assert good[0]["problem"].startswith("<image>Now, we require you to solve a multiple-choice math question.\n")
+  assert good[0]["problem"].endswith("Option: A. 200.96;B. 3215.36;C. 6280;D. 32; E. No correct answer\nRegarding "
+                                     "the format, please answer following the template below, and be sure to "
+                                     "include two <> symbols:\n<Thought process>: <<your thought process>> "
+                                     "<Answer>: <<your option>>")
+
+
 def test_summaries_average_the_draws_and_report_pass_at_k():
   import numpy as np
   bench = benchmarks.BENCHMARKS["cvbench"]
@@ -159,26 +200,27 @@ TINY = ["model.tiny_width=32", "model.tiny_layers=1", "model.tiny_vision_width=3
 
 @pytest.mark.slow
 def test_evaluate_benchmarks_command(data_dir, tmp_path, capsys):
-  """The tiny random model on four benchmarks: one JSON line, summary.json with categories, and one prediction line
-  per usable record (MMMU's third record lacks its image: a counted skip)."""
+  """The tiny random model on six benchmarks: one JSON line, summary.json with categories, and one prediction line
+  per usable record (MMMU's third record lacks its image: a counted skip; a ViLP row is three records)."""
   out = tmp_path / "results"
   argv = ["--config", CONFIG, *(a for o in TINY for a in ("--set", o)), "--benchmarks",
-          "mathvista,mmmu,hallusionbench,cvbench", "--data-dir", data_dir, "--out", str(out)]
+          "mathvista,mmmu,hallusionbench,cvbench,wemath,vilp", "--data-dir", data_dir, "--out", str(out)]
   result = evaluate.main(argv)
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert set(printed) == {"average", "benchmarks", "samples", "greedy", "prompt_format", "summary", "predictions"}
   assert printed["greedy"] is True and printed["samples"] == 1 and printed["prompt_format"] == "raw"
   reports = printed["benchmarks"]
   assert {n: r["records"] for n, r in reports.items()} == {"mathvista": 4, "mmmu": 2, "hallusionbench": 4,
-                                                          "cvbench": 3}
+                                                          "cvbench": 3, "wemath": 7, "vilp": 6}
   assert reports["mmmu"]["skipped"] == {"missing_image": 1} and reports["mathvista"]["skipped"] == {}
   assert set(reports["hallusionbench"]["metrics"]) == {"aAcc", "fAcc", "qAcc"}
+  assert set(reports["vilp"]["metrics"]) == {"score", "prior"} and reports["wemath"]["metrics"]["problems"] == 2
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in reports.values())
-  assert printed["average"] == pytest.approx(sum(r["accuracy"] for r in reports.values()) / 4)
+  assert printed["average"] == pytest.approx(sum(r["accuracy"] for r in reports.values()) / 6)
   summary = json.loads((out / "summary.json").read_text())
   assert summary == json.loads(json.dumps(result)) and "task" in summary["benchmarks"]["mathvista"]["categories"]
   lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-  assert len(lines) == 13
+  assert len(lines) == 13 + 7 + 6
   assert set(lines[0]) == {"benchmark", "id", "prompt", "answer", "completions", "extracted", "scores", "score",
                            "categories"}
   assert [(x["benchmark"], x["id"]) for x in lines if x["benchmark"] == "mmmu"] == [

@@ -5,11 +5,15 @@ structs, a VLMEvalKit TSV with base64 images), a handful of records each, with t
 
 The column names and types follow the dataset cards (AI4Math/MathVista, AI4Math/MathVerse, MathLLMs/MathVision,
 DynaMath/DynaMath_Sample, hiyouga/geometry3k, MMMU/MMMU, MMMU/MMMU_Pro, lmms-lab/HallusionBench, xai-org/RealworldQA,
-nyu-visionx/CV-Bench, Lin-Chen/MMStar). Each writer also returns what a reader must make of its rows.
+nyu-visionx/CV-Bench, Lin-Chen/MMStar) or, where no card lists them, the files and the code that reads them
+(LogicVista: its GitHub data/dataset.json and the lscpku/LogicVista columns lmms-eval reads; We-Math: its
+testmini.json and the image_path image lmms-eval reads; ViLP: the ViLP.parquet columns its test scripts read).
+Each writer also returns what a reader must make of its rows.
 """
 
 import base64
 import io
+import json
 import os
 
 import pyarrow as pa
@@ -249,8 +253,99 @@ def mmstar_tsv(root):
     f.write("\n".join(lines) + "\n")
 
 
+_LOGICVISTA = [  # (id, question, answer, skill, broad_capability, specific_capability), as data/dataset.json
+    ("v1_0", "What choice (A, B, C, or D) should be in place of the question mark that fits the pattern?", "C",
+     ["inductive"], ["diagram"], ["sequence pattern"]),
+    ("v1_1", "Which choices in the image (A-D) belong to the green category?", "A, C", ["inductive"], ["diagram"],
+     ["rule based pattern"]),
+    ("v1_2", "How many trains leave before noon? Select from A-E.", "B", ["numerical"], ["diagram and ocr"],
+     ["tables"]),
+]
+
+
+def logicvista(root):
+  """lscpku/LogicVista's test split as parquet: the dataset.json fields, an id and the image (an HF image struct);
+  the list columns are lists as in dataset.json (the card does not state their types)."""
+  strings = ("id", "question", "answer", "reasoning", "imagesource", "sourcelink", "liscenced")
+  schema = pa.schema([(n, pa.string()) for n in strings[:4]] + [("image", IMAGE_STRUCT)] +
+                     [(n, pa.list_(pa.string())) for n in ("skill", "broad_capability", "specific_capability")] +
+                     [(n, pa.string()) for n in strings[4:]])
+  cols = {k: [] for k in schema.names}
+  for rid, q, a, skill, broad, specific in _LOGICVISTA:
+    values = {"id": rid, "question": q, "answer": a, "reasoning": "Because.", "image": image_cell(name=f"{rid}.png"),
+              "skill": skill, "broad_capability": broad, "specific_capability": specific,
+              "imagesource": "aptitudetests", "sourcelink": "https://example.org", "liscenced": "false"}
+    for k in schema.names:
+      cols[k].append(values[k])
+  write_parquet(os.path.join(root, "LogicVista", "data", "test-00000-of-00001.parquet"), cols, schema)
+
+
+def logicvista_github(root):
+  """The LogicVista repository's own layout: data/dataset.json keyed by "v1_<i>", images in data/images/."""
+  records = {}
+  for rid, q, a, skill, broad, specific in _LOGICVISTA:
+    records[rid] = {"imagename": f"{rid}.png", "question": q, "answer": a, "reasoning": "Because.", "skill": skill,
+                    "broad_capability": broad, "specific_capability": specific, "imagesource": "aptitudetests",
+                    "sourcelink": "https://example.org", "liscenced": "false"}
+  os.makedirs(os.path.join(root, "LogicVista", "data", "images"))
+  for rid in records:
+    with open(os.path.join(root, "LogicVista", "data", "images", f"{rid}.png"), "wb") as f:
+      f.write(png())
+  with open(os.path.join(root, "LogicVista", "data", "dataset.json"), "w", encoding="utf-8") as f:
+    json.dump(records, f, indent=4)
+
+
+_WEMATH = [  # (ID, key, answer): a two-step problem (two one-step sub-problems and itself) and a three-step one
+    ("2steps_1", "2steps_1", "C"), ("2steps_1", "2steps_2", "A"), ("2steps_1", "2steps_multi", "B"),
+    ("3steps_1", "3steps_1", "D"), ("3steps_1", "3steps_2", "B"), ("3steps_1", "3steps_3", "B"),
+    ("3steps_1", "3steps_multi", "B"),
+]
+
+
+def wemath_rows() -> list[dict]:
+  """The testmini.json records of `_WEMATH` (image_path as the JSON has it: a path under data/)."""
+  rows = []
+  for number, (pid, key, answer) in enumerate(_WEMATH, 1):
+    step = key.split("_")[1]
+    rows.append({"ID": pid, "split": "testmini", "knowledge concept": "Area of Circles",
+                 "question": f"As shown in the figure, what is the area ( ) m\u00b2? ({key})",
+                 "option": "A. 200.96;B. 3215.36;C. 6280;D. 32; E. No correct answer", "answer": answer,
+                 "image_path": f"{pid.split('_')[0]}/image/{pid.split('_')[1]}-{step}.png", "key": key,
+                 "question number": number, "knowledge concept description": "Area of Circles:\n1. ..."})
+  return rows
+
+
+def wemath(root):
+  """We-Math/We-Math's data/testmini parquet: testmini.json's columns, with image_path an HF image struct."""
+  schema = pa.schema([("ID", pa.string()), ("split", pa.string()), ("knowledge concept", pa.string()),
+                      ("question", pa.string()), ("option", pa.string()), ("answer", pa.string()),
+                      ("image_path", IMAGE_STRUCT), ("key", pa.string()), ("question number", pa.int64()),
+                      ("knowledge concept description", pa.string())])
+  rows = wemath_rows()
+  cols = {k: [r[k] if k != "image_path" else image_cell(name=r[k]) for r in rows] for k in schema.names}
+  write_parquet(os.path.join(root, "We-Math", "data", "testmini-00000-of-00001-adbfe22dcd3558e6.parquet"), cols,
+                schema)
+
+
+def vilp(root):
+  """ViLP/ViLP's ViLP.parquet: question_id, the question (a fact, then the question) and three images as raw bytes
+  (the test scripts open each cell with BytesIO), each with its one-word answer."""
+  schema = pa.schema([("question_id", pa.int64()), ("question", pa.string())] +
+                     [(f"{c}{k}", pa.binary() if c == "image" else pa.string()) for k in (1, 2, 3)
+                      for c in ("image", "answer")])
+  rows = [(0, "A spider has eight legs. How many legs does this spider have?", ("8", "6", "10")),
+          (1, "Zebras have black and white stripes. What pattern is on this zebra?", ("Stripes", "Spots", "Checkered"))]
+  cols = {k: [] for k in schema.names}
+  for qid, question, answers in rows:
+    cols["question_id"].append(qid), cols["question"].append(question)
+    for k, answer in enumerate(answers, 1):
+      cols[f"image{k}"].append(png((40 * k, 80, 120)))
+      cols[f"answer{k}"].append(answer)
+  write_parquet(os.path.join(root, "ViLP", "ViLP.parquet"), cols, schema)
+
+
 WRITERS = (mathvista, mathverse, mathvision, dynamath, geometry3k, mmmu, mmmu_pro, hallusionbench, realworldqa, cvbench,
-           mmstar)
+           mmstar, logicvista, wemath, vilp)
 
 
 def write_benchmarks(root) -> str:

@@ -1,13 +1,17 @@
 """Scoring of hand-written completions, benchmark by benchmark, against expectations worked out by hand from each
 reference scorer's rules (the comment beside a case says why it scores what it scores). No model is involved."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from jaxvg.benchmarks import extract
 from jaxvg.benchmarks import general_suite as gen
 from jaxvg.benchmarks import math_suite as math
+from jaxvg.benchmarks import reasoning_suite as reason
 from jaxvg.benchmarks.spec import Item
+from jaxvg.data.processing import RecordError
 
 
 def row(**kw):
@@ -301,6 +305,179 @@ def test_mmstar_parquet_and_tsv_conventions():
   assert tsv.categories["l2_category"] == "x"
 
 
+# ---------------------------------------------------------------- LogicVista
+
+
+LOGICVISTA = row(id="v1_1", question="Which choices in the image (A-D) belong to the green category?", answer="A, C",
+                 skill=["inductive"], broad_capability=["diagram"], specific_capability=["rule based pattern"])
+
+
+def test_logicvista_prompt_and_categories():
+  item = reason._logicvista_item(LOGICVISTA)
+  assert item.prompt == item.bare == "<image>Which choices in the image (A-D) belong to the green category?"
+  assert item.categories == {"skill": ["inductive"], "broad_capability": ["diagram"],
+                             "specific_capability": ["rule based pattern"]}
+  # the GitHub dataset.json has no id: the image name gives it; a list column may come as its python repr
+  github = reason._logicvista_item(row(imagename="v1_7.png", question="?", answer="B", skill="['spatial']"))
+  assert github.id == "v1_7" and github.images == (("image|imagename", None),)
+  assert github.categories["skill"] == ["spatial"]
+
+
+@pytest.mark.parametrize("completion, want", [
+    ("A, C", 1.0),                                          # gold "A, C" -> "AC"; the letters as a list
+    ("AC", 1.0),                                            # the judge's own form
+    ("\\boxed{A, C}", 1.0),
+    ("<think> B is grey </think> The answers are C and A.", 1.0),  # after an answer phrase, sorted
+    ("A and C belong to the green category.", 1.0),         # a list of two opening the span
+    ("**Answer:** (A), (C)", 1.0),                          # markdown dropped, marks stripped
+    ("C", 0.0),                                             # one of the two is not the answer
+    ("A, B, C", 0.0),
+    ("The answer is A", 0.0),
+])
+def test_logicvista_multiple_letters(completion, want):
+  assert reason.logicvista_score(completion, reason._logicvista_item(LOGICVISTA))[0] == want
+
+
+@pytest.mark.parametrize("completion, letters", [
+    ("(c)", "C"),                                 # the whole span is a letter, any case
+    ("So the answer is: B.", "B"),
+    ("the correct option is D", "D"),
+    ("Option C fits the pattern", "C"),           # VLMEvalKit's rule: one letter, among the last five words
+    ("(B) because the square moves right", "B"),  # a marked letter opening the span
+    ("B because the square moves right", ""),     # unmarked and not among the last five words: the judge's Z
+    ("So it must be A or C", ""),                 # two letters, no answer phrase
+    ("The sequence of the boxes is A, B, C, D, E.", "ABCDE"),  # the judge prompt's example 4
+    ("BAD", ""),                                  # capitals out of order are a word, not a list
+])
+def test_logicvista_letter_rules(completion, letters):
+  assert reason.logicvista_letters(completion) == letters
+
+
+def test_logicvista_gold_that_is_not_letters_is_never_matched():
+  item = reason._logicvista_item({**LOGICVISTA, "answer": "3"})
+  assert reason.logicvista_score("3", item) == (0.0, "")  # VLMEvalKit accepts only capital letters from its judge
+
+
+# ---------------------------------------------------------------- We-Math
+
+
+def wemath_item(pid, key, answer="B"):
+  return reason._wemath_item(row(ID=pid, key=key, question="What is the area ( ) m\u00b2?",
+                                 option="A. 200.96;B. 3215.36;C. 6280;D. 32; E. No correct answer", answer=answer,
+                                 **{"knowledge concept": "Area of Circles"}))
+
+
+@pytest.mark.parametrize("completion, letter", [
+    ("<Thought process>: r = 16 m, so 3.14 * 16^2. <Answer>: <<B>>", "B"),
+    ("<Answer>: <<B>>.", "B"),                    # < > : . are removed before the first character is read
+    ("\\boxed{B}", "B"),                          # the box is the answer span
+    ("<think> Answer: A </think> <Answer>: <<C>>", "C"),  # after the reasoning
+    ("The answer is B", ""),                      # no capital "Answer": the first character, "T", is no option
+    ("Answer: (B)", ""),                          # "(" is not removed
+])
+def test_wemath_extraction(completion, letter):
+  assert reason.wemath_letter(extract.answer_span(completion)) == letter
+  assert reason.wemath_score(completion, wemath_item("2steps_1", "2steps_1"))[0] == float(letter == "B")
+
+
+def test_wemath_prompt_ids_and_groups():
+  item = wemath_item("3steps_4", "3steps_multi")
+  assert item.id == "3steps_4#multi" and item.meta == {"problem": "3steps_4", "steps": 3, "step": "multi"}
+  assert item.prompt.startswith("<image>Now, we require you to solve a multiple-choice math question.\nPlease "
+                                "briefly describe your thought process and provide the final answer(option).\n"
+                                "Question: What is the area ( ) m\u00b2?\nOption: A. 200.96;B. 3215.36;")
+  assert item.bare == "<image>What is the area ( ) m\u00b2?\nA. 200.96;B. 3215.36;C. 6280;D. 32; E. No correct answer"
+  assert item.categories == {"knowledge_concept": "Area of Circles", "key": "3steps_multi"}
+
+
+def test_wemath_four_dimensional_metrics():
+  # (problem, steps right, multi-step right):
+  #   P1 2-step ✓✓ ✓ -> CM strict, CM loose        P2 2-step ✓✗ ✓ -> RM strict, CM loose
+  #   P3 2-step ✗✗ ✓ -> RM strict, RM loose         P4 2-step ✓✓ ✗ -> IG
+  #   P5 3-step ✓✗✓ ✗ -> IK                         P6 3-step ✓✓✓ ✓ -> CM strict, CM loose
+  #   P7 2-step: step 2 was skipped -> left out of the six problems
+  plan = [("2steps_1", [1, 1], 1), ("2steps_2", [1, 0], 1), ("2steps_3", [0, 0], 1), ("2steps_4", [1, 1], 0),
+          ("3steps_5", [1, 0, 1], 0), ("3steps_6", [1, 1, 1], 1)]
+  items, scores = [], []
+  for pid, steps, multi in plan:
+    n = pid[0]
+    for k, right in enumerate(steps, 1):
+      items.append(wemath_item(pid, f"{n}steps_{k}")), scores.append(right)
+    items.append(wemath_item(pid, f"{n}steps_multi")), scores.append(multi)
+  for key, right in (("2steps_1", 1), ("2steps_multi", 1)):
+    items.append(wemath_item("2steps_7", key)), scores.append(right)
+  report = reason.wemath_aggregate(items, np.asarray(scores, float))
+  m = report["metrics"]
+  # N = 6: IK 1, IG 1, CM strict 2, RM strict 2, CM loose 3, RM loose 1
+  assert m["problems"] == 6
+  assert m["IK"] == pytest.approx(1 / 6) and m["IG"] == pytest.approx(1 / 6)
+  assert m["CM_strict"] == pytest.approx(2 / 6) and m["CM_loose"] == pytest.approx(3 / 6)
+  assert m["RM_strict"] == pytest.approx(2 / 4) and m["RM_loose"] == pytest.approx(1 / 4)  # RM / (CM + RM)
+  assert m["score_strict"] == pytest.approx((6 - 0.5 * 1 - 2 - 1) / 6)  # (N - 0.5 IG - RM - IK) / N = 2.5 / 6
+  assert m["score_loose"] == pytest.approx((6 - 0.5 * 1 - 1 - 1) / 6)   # 3.5 / 6
+  assert report["accuracy"] == m["score_strict"]
+  # S1: step records 2+1+0+2+2+3 (+1 for P7) right of 15; S2: multi of P1-P4 and P7, 4 of 5; S3: 1 of 2
+  assert m["one_step"] == pytest.approx(11 / 15) and m["two_step"] == pytest.approx(4 / 5)
+  assert m["three_step"] == pytest.approx(1 / 2)
+  assert m["record_accuracy"] == pytest.approx(np.mean(scores))
+
+
+def test_wemath_without_a_complete_problem_reports_the_record_accuracy():
+  report = reason.wemath_aggregate([wemath_item("2steps_1", "2steps_1")], np.asarray([1.0]))
+  assert report["accuracy"] == 1.0 and report["metrics"]["problems"] == 0
+
+
+# ---------------------------------------------------------------- ViLP
+
+
+def vilp_items(question="A spider has eight legs. How many legs does this spider have?", fact=True,
+               answers=("8", "6", "10")):
+  made = reason._vilp_items(row(question_id=3, question=question, answer1=answers[0], answer2=answers[1],
+                                answer3=answers[2]), fact=fact)
+  return made
+
+
+def test_vilp_records_and_prompts():
+  f, p = vilp_items(), vilp_items(fact=False)
+  assert [i.id for i in f] == ["3#1", "3#2", "3#3"] and [i.images for i in f] == [(("image1", None),),
+                                                                                  (("image2", None),),
+                                                                                  (("image3", None),)]
+  assert f[1].prompt == "<image>Please answer with one word: A spider has eight legs. How many legs does this " \
+                        "spider have?"
+  assert p[1].prompt == "<image>Please answer with one word: How many legs does this spider have?"
+  assert p[1].bare == "<image>How many legs does this spider have?"
+  no_period = vilp_items(question="How many legs", fact=False)
+  assert [e.reason for e in no_period] == ["malformed_record"] * 3
+  missing = vilp_items(answers=("8", None, "10"))
+  assert isinstance(missing[1], RecordError) and missing[1].reason == "missing_answer"
+
+
+@pytest.mark.parametrize("completion, answer, want", [
+    ("Eight.", "8", 1.0),             # number words to digits, the period dropped
+    ("\\boxed{8}", "8", 1.0),
+    ("eight legs", "8", 0.0),         # one word only: an exact match after normalizing
+    ("There are 8.", "8", 0.0),
+    ("Striped", "Stripes", 1.0),      # synonym striped -> stripes, then plural stripes -> stripe, on both sides
+    ("stripe", "Stripes", 1.0),
+    ("checkerboard", "Checkered", 1.0),
+    ("Circle", "Sphere", 1.0),        # both -> round
+    ("Cats.", "cat", 1.0),
+    ("co2", "carbon dioxide", 0.0),   # co2 -> "carbon dioxide" but "carbon dioxide" -> "carbondioxide": one lookup
+    ("None", "none", 0.0),            # "none" never matches
+])
+def test_vilp_exact_match_after_normalizing(completion, answer, want):
+  assert reason.vilp_score(completion, vilp_items(answers=(answer, "x", "y"))[0])[0] == want
+
+
+def test_vilp_score_and_prior():
+  items = vilp_items() + [dataclasses.replace(i, id=f"4#{k}", groups={"question": "4"})
+                          for k, i in enumerate(vilp_items(), 1)]
+  scores_B = np.asarray([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])  # image 1: 2/2, image 2: 1/2, image 3: 1/2
+  report = reason.vilp_aggregate(items, scores_B)
+  assert report["metrics"] == {"score": 0.5, "prior": 1.0} and report["accuracy"] == 0.5
+  assert report["categories"]["image"] == {"1": 1.0, "2": 0.5, "3": 0.5}
+
+
 def test_item_ids_and_answers_are_text():
   item = Item(id="1", prompt="p", bare="b", images=(), answer="3")
   assert item.meta == {} and item.categories == {} and item.groups == {}
@@ -327,8 +504,14 @@ def test_answers_read_the_same_after_tokenization(tokenizer):
   geo = math._geometry3k_item(row(problem="<image>Find the area.", answer="\\frac{2}{3}"))
   yes = gen._hallusion_item(row(category="VD", subcategory="illusion", visual_input="1", set_id="0", figure_id="0",
                                 question_id="0", question="Is it?", gt_answer="1"))
+  lv = reason._logicvista_item(LOGICVISTA)
+  wm = wemath_item("2steps_1", "2steps_1")
+  vp = vilp_items()[0]
   cases = [
       (math.mathvista_score, mc, "<think>two options fit.</think>\\boxed{B}.", 1.0),
+      (reason.logicvista_score, lv, "<think>B is grey.</think>The answers are (A) and (C).", 1.0),
+      (reason.wemath_score, wm, "<Thought process>: 3.14*16^2=803.84.<Answer>: <<B>>.", 1.0),
+      (reason.vilp_score, vp, "<think>it has eight.</think>Eight.", 1.0),
       (math.mathvista_score, mc, "The correct answer is (B) 8/11.", 1.0),
       (math.geometry3k_score, geo, "<think>half of 4/3.</think>\\boxed{\\frac{2}{3}}.", 1.0),
       (math.geometry3k_score, geo, "<think>...</think>\\boxed{\\frac{4}{3}}}", 0.0),

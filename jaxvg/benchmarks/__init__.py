@@ -10,10 +10,11 @@ calls (docs/benchmarks_eval.md: the files each one reads, its prompt, its scorin
   spec.py           Item / Benchmark and the shared aggregations
   math_suite.py     MathVista, MathVerse, MathVision, DynaMath, Geometry3K
   general_suite.py  MMMU, MMMU-Pro, HallusionBench, RealWorldQA, CV-Bench, MMStar
+  reasoning_suite.py LogicVista, We-Math, ViLP (ViLP-F and ViLP-P)
   run.py            sources for the data pipeline, batched sampling, scoring, reports and the predictions JSONL
 """
 
-from jaxvg.benchmarks import general_suite, math_suite
+from jaxvg.benchmarks import general_suite, math_suite, reasoning_suite
 from jaxvg.benchmarks.files import BenchmarkFileError
 from jaxvg.benchmarks.spec import Benchmark, Item
 
@@ -22,7 +23,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     math_suite.MATHVERSE_VISION_ONLY, math_suite.MATHVISION, math_suite.MATHVISION_MINI, math_suite.DYNAMATH,
     math_suite.GEOMETRY3K, general_suite.MMMU, general_suite.MMMU_PRO_STANDARD10, general_suite.MMMU_PRO_STANDARD4,
     general_suite.MMMU_PRO_VISION_SETTING, general_suite.HALLUSIONBENCH, general_suite.REALWORLDQA,
-    general_suite.CVBENCH, general_suite.MMSTAR)}
+    general_suite.CVBENCH, general_suite.MMSTAR, reasoning_suite.LOGICVISTA, reasoning_suite.WEMATH,
+    reasoning_suite.VILP, reasoning_suite.VILP_P)}
 
 from jaxvg.benchmarks.run import (evaluate_benchmarks, flat_metrics, load_benchmarks,  # noqa: E402
                                   resolve, write_report)

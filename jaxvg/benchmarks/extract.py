@@ -7,7 +7,8 @@ and returns what the reference returns (a letter, a list of candidates, "Yes" / 
                      with answer_line=True the MMMU-Pro variant (mmmu-pro/evaluate.py): "Answer: X" first, then
                      "A." as well as "(A)" and "A ".
   mmmu_open          MMMU eval_utils.parse_open_response + eval_open (key sub-responses, numbers, 2-decimal floats).
-  can_infer          VLMEvalKit vlmeval/utils/matching_util.py (can_infer_option, then can_infer_text).
+  can_infer          VLMEvalKit vlmeval/utils/matching_util.py (can_infer_option, then can_infer_text);
+                     lone_letter is its letter rule alone.
   mcq_letter         lmms-eval lmms_eval/tasks/_task_utils/mcq_extract.py (extract_mcq_answer, format priorities).
   leading_letter     lmms-eval lmms_eval/tasks/cv_bench/utils.py (_extract_answer_letter).
   yes_no             VLMEvalKit vlmeval/dataset/utils/yorn.py (YOrN_Extraction over process_punctuation).
@@ -176,6 +177,21 @@ _REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process 
              "I'm sorry, but without the image provided", "Cannot determine the answer")
 
 
+def option_words(answer: str) -> list[str]:
+  """The words of an answer as VLMEvalKit's can_infer_option splits them (each of .()[],:;!*#{} is a space)."""
+  for c in ".()[],:;!*#{}":
+    answer = answer.replace(c, " ")
+  return answer.split()
+
+
+def lone_letter(answer, letters) -> str:
+  """VLMEvalKit's letter rule alone: the one option letter among the words, when it is among the last five words;
+  "" when there is none, several, or it comes earlier ("B because the square moves right" -> "")."""
+  words = option_words(str(answer))
+  hits = [c for c in letters if c in words]
+  return hits[0] if len(hits) == 1 and words.index(hits[0]) > len(words) - 5 else ""
+
+
 def can_infer(answer, choices: dict[str, str]):
   """VLMEvalKit's rule-based option matching: a letter (or "Z" for a refusal), or False when it cannot tell.
 
@@ -186,10 +202,7 @@ def can_infer(answer, choices: dict[str, str]):
   answer = str(answer)
   if any(r in answer for r in _REFUSALS):
     return "Z"
-  mod = answer
-  for c in ".()[],:;!*#{}":
-    mod = mod.replace(c, " ")
-  words = mod.split()
+  words = option_words(answer)
   hits = [c for c in choices if c in words]
   if len(hits) == 1:
     if words.index(hits[0]) > len(words) - 5:

@@ -147,11 +147,14 @@ def inside(root: str, name: str, allow_outside: bool) -> str:
   return path
 
 
-def image_value(value, *, root: str, allow_outside: bool = False, base64_text: bool = False):
+def image_value(value, *, root: str, allow_outside: bool = False, base64_text: bool = False,
+                dirs: tuple[str, ...] = ("",)):
   """An image cell -> encoded bytes or a local path the pipeline can open.
 
   Accepts the HF image struct {"bytes", "path"} (bytes win; a path alone is relative to `root`), raw bytes, a path
-  string relative to `root`, or (TSV: `base64_text`) a base64 string.
+  string relative to `root`, or (TSV: `base64_text`) a base64 string. A relative path is looked up under each of
+  `dirs` (folders of `root`) in turn: some JSON files name their images relative to their own folder (LogicVista's
+  data/dataset.json says "v1_0.png" for data/images/v1_0.png).
   """
   if isinstance(value, dict):
     if value.get("bytes") is not None:
@@ -165,8 +168,9 @@ def image_value(value, *, root: str, allow_outside: bool = False, base64_text: b
         return base64.b64decode(value, validate=True)
       except (binascii.Error, ValueError):
         raise RecordError("corrupt_image", "the image cell is not base64") from None
-    path = inside(root, value, allow_outside)
-    if not os.path.isfile(path):
-      raise RecordError("missing_image_file", path)
-    return path
+    paths = [inside(root, os.path.join(d, value), allow_outside) for d in dirs]
+    for path in paths:
+      if os.path.isfile(path):
+        return path
+    raise RecordError("missing_image_file", " or ".join(paths))
   raise RecordError("missing_image", f"an image cell holding {type(value).__name__}")

@@ -60,15 +60,20 @@ class BenchmarkSource:
       if benchmark.keep is not None and not benchmark.keep(row):
         continue
       try:
-        entry = benchmark.item(row)
-        seen[entry.id] += 1
-        if seen[entry.id] > 1:  # ids must be unique: they map completions back to items
-          entry = dataclasses.replace(entry, id=f"{entry.id}#{seen[entry.id]}")
+        made = benchmark.item(row)
+        made = list(made) if isinstance(made, (list, tuple)) else [made]  # ViLP: three records per row
       except RecordError as e:
-        entry = e
+        made = [e]
       except Exception as e:  # a row no rule foresaw is still one skipped record
-        entry = RecordError("malformed_record", f"{type(e).__name__}: {e}")
-      self.entries.append((index, entry))
+        made = [RecordError("malformed_record", f"{type(e).__name__}: {e}")]
+      for entry in made:
+        if isinstance(entry, Item):
+          seen[entry.id] += 1
+          if seen[entry.id] > 1:  # ids must be unique: they map completions back to items
+            entry = dataclasses.replace(entry, id=f"{entry.id}#{seen[entry.id]}")
+        self.entries.append((index, entry))
+        if limit is not None and len(self.entries) >= limit:
+          break
       if limit is not None and len(self.entries) >= limit:
         break
     if not self.entries:
@@ -105,7 +110,8 @@ class BenchmarkSource:
     if k is not None:
       value = value[k] if isinstance(value, (list, tuple)) and k < len(value) else None
     tsv = self.table.rows[index]["_file"].lower().endswith(".tsv")
-    return files.image_value(value, root=self.root, allow_outside=self.allow_outside, base64_text=tsv)
+    return files.image_value(value, root=self.root, allow_outside=self.allow_outside, base64_text=tsv,
+                             dirs=self.benchmark.image_dirs)
 
 
 def resolve(names) -> list[Benchmark]:

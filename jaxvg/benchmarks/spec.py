@@ -86,10 +86,12 @@ class Benchmark:
     files: glob patterns of its files inside that folder; the first pattern that matches is read.
     required: column groups each file must hold (one column of each group).
     image_columns: columns holding images (read one row at a time, never all at once).
-    item: a row (text columns, "_file", "_row") -> `Item`.
+    item: a row (text columns, "_file", "_row") -> `Item`, or a list of them when one row holds several records
+      (ViLP asks one question of three images); an entry of that list may be a `RecordError` (a counted skip).
     score: (completion, item) -> (score in [0, 1], the extracted answer as text).
     aggregate: (items, scores_B) -> {"accuracy": headline, optional "metrics": {...}, "categories": {...}}.
     keep: a filter over rows (MathVerse's vision-only subset), applied before `item`; None keeps all.
+    image_dirs: folders of the benchmark folder that a relative image path is looked up in, in order.
     source: where its prompt and scoring conventions come from (for the report).
   """
 
@@ -102,6 +104,7 @@ class Benchmark:
   score: Scorer
   aggregate: Callable[[list[Item], np.ndarray], dict] = accuracy_and_categories
   keep: Callable[[dict], bool] | None = None
+  image_dirs: tuple[str, ...] = ("",)
   source: str = ""
 
 
