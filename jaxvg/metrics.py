@@ -258,12 +258,15 @@ class _BarAwareHandler(logging.StreamHandler):
 
   def emit(self, record):
     bar = _ACTIVE[0]
-    if bar is None:
+    if bar is None or getattr(bar.stream, "closed", False):
       return super().emit(record)
-    bar.clear()
-    super().emit(record)
-    self.flush()
-    bar.redraw()
+    try:
+      bar.clear()
+      super().emit(record)
+      self.flush()
+      bar.redraw()
+    except Exception:  # a closed or broken stream: logging's own report, never an exception into the caller
+      self.handleError(record)
 
 
 def setup_logging(stream, level: int = logging.INFO):

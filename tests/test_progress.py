@@ -57,6 +57,7 @@ def test_eta_leaves_out_compilation(clock):
   # 9 steady seconds for 10 steps: 0.9 s each, 90 left -> 81 s.
   assert progress.eta(10, 109.0) == pytest.approx(81.0)
   assert "ETA 1:21" in term.screen()[-1]
+  progress.close()
 
 
 def test_compile_lines_once_per_shape(clock, caplog):
@@ -97,3 +98,20 @@ def test_a_log_line_never_lands_on_the_bar():
   assert len(screen) == 2, screen
   assert screen[0].endswith("WARNING step 3: no informative group was sampled; no update")
   assert "[" not in screen[0] and screen[1].startswith("dapo [") and "4/10" in screen[1]
+
+
+def test_a_log_line_to_a_closed_stream_never_raises_into_the_caller(capsys):
+  # A handler left on a closed stream (an in-process run whose captured stdout is gone), while a bar is drawn.
+  term, gone = Terminal(), io.StringIO()
+  handler = metrics._BarAwareHandler(gone)
+  gone.close()
+  progress = metrics.Progress(2, desc="rl", stream=term)
+  progress.update(1)
+  logger = logging.getLogger("test.closed")
+  logger.addHandler(handler)
+  try:
+    logger.warning("after the stream closed")  # logging reports the error on stderr; nothing is raised here
+  finally:
+    logger.removeHandler(handler)
+    progress.close()
+  assert "Logging error" in capsys.readouterr().err
