@@ -94,7 +94,7 @@ def test_unexpected_exceptions_in_readers_are_named_skips(tmp_path, monkeypatch)
                                                                    "problem": "<image>Q?", "answer": "1"}]))
   jsonl = readers.JsonlSource(write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "problem": "<image>Q?",
                                                                   "answer": "1"}]))
-  monkeypatch.setattr(readers, "_image_path", boom)
+  monkeypatch.setattr(readers, "image_path", boom)
   for source, where in [(hf, "h.parquet row 0"), (jsonl, "d.jsonl line 1")]:
     e = reason_of(source, 0)
     assert e.reason == "malformed_record" and "RuntimeError: boom" in e.detail and where in e.detail

@@ -23,6 +23,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxvg.data import readers
 from jaxvg.data.processing import RecordError
 
 _REMOTE = ("://", "hf:")
@@ -137,16 +138,6 @@ def _read_tsv(path: str) -> list[dict]:
     return [dict(r) for r in csv.DictReader(f, delimiter="\t")]
 
 
-def inside(root: str, name: str, allow_outside: bool) -> str:
-  """`name` joined to `root`; "image_outside_dir" when it resolves (symlinks too) outside `root`."""
-  path = os.path.join(root, name)
-  if not allow_outside:
-    real = os.path.realpath(root)
-    if os.path.commonpath([os.path.realpath(path), real]) != real:
-      raise RecordError("image_outside_dir", f"{name!r} resolves outside the benchmark folder {real}")
-  return path
-
-
 def image_value(value, *, root: str, allow_outside: bool = False, base64_text: bool = False,
                 dirs: tuple[str, ...] = ("",)):
   """An image cell -> encoded bytes or a local path the pipeline can open.
@@ -168,7 +159,7 @@ def image_value(value, *, root: str, allow_outside: bool = False, base64_text: b
         return base64.b64decode(value, validate=True)
       except (binascii.Error, ValueError):
         raise RecordError("corrupt_image", "the image cell is not base64") from None
-    paths = [inside(root, os.path.join(d, value), allow_outside) for d in dirs]
+    paths = [readers.image_path(os.path.join(d, value), root, allow_outside) for d in dirs]
     for path in paths:
       if os.path.isfile(path):
         return path

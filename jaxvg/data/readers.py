@@ -60,7 +60,7 @@ def _parquet_files(paths) -> list[str]:
   return [_local(p) for p in paths]
 
 
-def _image_path(name: str, image_dir: str, allow_outside: bool) -> str:
+def image_path(name: str, image_dir: str, allow_outside: bool) -> str:
   """`name` joined to `image_dir` (an absolute name stays as it is); raises "image_outside_dir" when the path, symlinks
   resolved, is not inside `image_dir` (unless `allow_outside`)."""
   path = os.path.join(image_dir, name)
@@ -78,7 +78,7 @@ def _image_entry(value, base_dir: str, allow_outside: bool):
       return value["bytes"]
     value = value.get("path")
   if isinstance(value, str):
-    return _image_path(value, base_dir, allow_outside)
+    return image_path(value, base_dir, allow_outside)
   return value
 
 
@@ -314,7 +314,7 @@ class JsonlSource:
       raise RecordError("malformed_record", "images must be a list of file names")
     record = {
         "id": str(row["id"]) if row.get("id") is not None else line_id,
-        "images": [_image_path(n, self.image_dir, self.allow_outside) for n in names],
+        "images": [image_path(n, self.image_dir, self.allow_outside) for n in names],
         "problem": row.get("problem", row.get("question")),
         "answer": row.get("answer"),
         "source": row.get("source") or self.source,
