@@ -36,7 +36,7 @@ def test_committed_notebook_has_no_outputs():
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(c.outputs == [] and c.execution_count is None for c in code)
   assert "parameters" in code[0].metadata["tags"]
-  assert not any("def " in c.source for c in code)  # helpers live in jaxvg.replicate
+  assert not any("def " in c.source for c in code)  # helpers live in jaxvg.runlog
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from jaxvg import metrics, replicate
+from jaxvg import metrics, replicate, runlog
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 MINI = ["--set", "sft.steps=1", "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
@@ -268,14 +268,14 @@ def test_read_run_last_value_wins_and_a_cut_line_is_skipped(tmp_path):
            {"step": 1, "time": 6.0, "reward/overall": 0.2}, {"step": 1, "time": 7.0, "reward/overall": 0.3},
            {"step": 2, "eval/accuracy": 0.5}]
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n" + '{"step": 3, "rew')
-  table = replicate.read_run(str(tmp_path))
+  table = runlog.read_run(str(tmp_path))
   assert sorted(table) == ["eval/accuracy", "reward/overall", "sft/sft_loss", "time"]
   steps, values = table["reward/overall"]
   assert steps.tolist() == [0, 1] and values.tolist() == [0.1, 0.3]
   assert table["sft/sft_loss"][0].tolist() == [-2] and table["eval/accuracy"][1].tolist() == [0.5]
   (tmp_path / "metrics.jsonl").write_text('{"step": 0, "a": 1}\nnot json\n{"step": 1, "a": 2}\n')
   with pytest.raises(ValueError, match="line 2 is not JSON"):
-    replicate.read_run(str(tmp_path))
+    runlog.read_run(str(tmp_path))
 
 
 def test_non_finite_metrics_are_written_as_null_and_read_back_as_nan(tmp_path):
@@ -284,7 +284,7 @@ def test_non_finite_metrics_are_written_as_null_and_read_back_as_nan(tmp_path):
   w.close()
   (row,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert row["loss"] is None and row["grad_norm"] is None and row["reward/overall"] == 0.5
-  table = replicate.read_run(str(tmp_path))
+  table = runlog.read_run(str(tmp_path))
   assert np.isnan(table["loss"][1][0]) and table["reward/overall"][1].tolist() == [0.5]
 
 
@@ -294,7 +294,7 @@ def test_read_tfevents_reads_what_the_writer_wrote(tmp_path):
   w.write(1, {"reward/overall": 0.5})
   w.write(1, {"reward/overall": 0.75, "eval/accuracy": 0.125})
   w.close()
-  table = replicate.read_tfevents(str(tmp_path))
+  table = runlog.read_tfevents(str(tmp_path))
   assert sorted(table) == ["eval/accuracy", "reward/overall", "time/step"]  # histograms are not scalars
   assert table["reward/overall"][0].tolist() == [0, 1] and table["reward/overall"][1].tolist() == [0.25, 0.75]
   assert table["eval/accuracy"][0].tolist() == [1] and table["time/step"][1].tolist() == [3.0]
@@ -302,31 +302,31 @@ def test_read_tfevents_reads_what_the_writer_wrote(tmp_path):
   (path,) = [os.path.join(tmp_path, "tensorboard", f) for f in os.listdir(tmp_path / "tensorboard")]
   blob = open(path, "rb").read()
   open(path, "wb").write(blob[:-5])
-  assert replicate.read_tfevents(str(tmp_path))["reward/overall"][1].tolist() == [0.25, 0.5]
+  assert runlog.read_tfevents(str(tmp_path))["reward/overall"][1].tolist() == [0.25, 0.5]
   length = struct.unpack("<Q", blob[:8])[0]  # the first record (the file version event)
   second = 12 + length + 4
   bad = bytearray(blob)
   bad[second + 12 + 3] ^= 0xFF
   open(path, "wb").write(bytes(bad))
   with pytest.raises(ValueError, match="corrupt record"):
-    replicate.read_tfevents(str(tmp_path))
+    runlog.read_tfevents(str(tmp_path))
 
 
 def test_ema_by_hand_and_against_a_loop():
   # w = 0.5 on [1, 3]: m0 = 0.5 -> 0.5 / (1 - 0.5) = 1; m1 = 0.25 + 1.5 = 1.75 -> 1.75 / (1 - 0.25) = 7/3
-  assert replicate.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, 7.0 / 3.0])
+  assert runlog.ema([1.0, 3.0], 0.5) == pytest.approx([1.0, 7.0 / 3.0])
   x = np.random.default_rng(0).normal(size=20)
   ref, m = [], 0.0
   for i, v in enumerate(x):
     m = 0.9 * m + 0.1 * v
     ref.append(m / (1 - 0.9**(i + 1)))
-  assert replicate.ema(x, 0.9) == pytest.approx(ref)
-  assert replicate.ema(x, 0.0) == pytest.approx(x)  # no smoothing
-  assert replicate.ema([5.0] * 4, 0.99) == pytest.approx([5.0] * 4)  # debiased: a constant stays constant
-  got = replicate.ema([1.0, float("nan"), 3.0], 0.5)
+  assert runlog.ema(x, 0.9) == pytest.approx(ref)
+  assert runlog.ema(x, 0.0) == pytest.approx(x)  # no smoothing
+  assert runlog.ema([5.0] * 4, 0.99) == pytest.approx([5.0] * 4)  # debiased: a constant stays constant
+  got = runlog.ema([1.0, float("nan"), 3.0], 0.5)
   assert got[0] == 1.0 and math.isnan(got[1]) and got[2] == pytest.approx(7.0 / 3.0)
   with pytest.raises(ValueError, match="smoothing weight"):
-    replicate.ema([1.0], 1.0)
+    runlog.ema([1.0], 1.0)
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
