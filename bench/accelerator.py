@@ -42,8 +42,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from jaxvg import advantages, credit, dependency, losses, optim, rollout, scoring, update  # noqa: E402
-from jaxvg.experiment import CreditCfg  # noqa: E402
+from jaxvg.credit import assign, dependency  # noqa: E402
+from jaxvg.rl import advantages, losses, optim, rollout, scoring, update
+from jaxvg.run.experiment import CreditCfg  # noqa: E402
 from jaxvg.models import QWEN25VL_3B, Qwen25VL, layers, mrope_positions, tiny  # noqa: E402
 from jaxvg.models.config import ATTENTION_IMPLS  # noqa: E402
 
@@ -192,8 +193,8 @@ def measure(cfg, s: Sizes, dtype, *, host_init: bool) -> dict:
   policy_step = jax.jit(lambda st, micro: update.policy_step(st, micro, tx=tx, group_size=G, loss_cfg=loss_cfg),
                         donate_argnums=(0,))
   score = jax.jit(update.score_fn, static_argnums=(1, 5))
-  credit_fns = {"dapo": credit.make_credit_fn(CreditCfg(method="none"), cfg, None, G),
-                "pgpo": credit.make_credit_fn(CreditCfg(method="pgpo", counterfactual="mask_visual"), cfg, None, G)}
+  credit_fns = {"dapo": assign.make_credit_fn(CreditCfg(method="none"), cfg, None, G),
+                "pgpo": assign.make_credit_fn(CreditCfg(method="pgpo", counterfactual="mask_visual"), cfg, None, G)}
 
   def step(state, credit_fn):
     """One RL step after sampling; returns (state, step seconds, policy-update seconds)."""

@@ -84,8 +84,7 @@ def run_pipeline(records, tokenizer, prompt, *, batch_size, **data_kwargs) -> tu
 
 def breakdown(records, tokenizer, prompt, *, batch_size) -> dict:
   """Per-record milliseconds of each processing stage, inline."""
-  from jaxvg import prompts
-  from jaxvg.data import processing
+  from jaxvg.data import processing, prompts
   from jaxvg.data.batch import collate
 
   proc = processing.make_processor(tokenizer, prompt)

@@ -29,8 +29,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from jaxvg import builders, credit, distill, optim, update  # noqa: E402
-from jaxvg.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg  # noqa: E402
+from jaxvg.credit import assign  # noqa: E402
+from jaxvg.distill import teachers
+from jaxvg.rl import optim, update
+from jaxvg.run import builders
+from jaxvg.run.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg  # noqa: E402
 
 G, WIDTH, ROUNDS = 4, 96, 7
 METHODS = {"opd": DistillCfg(method="opd"), "vgs": DistillCfg(method="vgs", eta=0.4),
@@ -43,36 +46,36 @@ def main():
                  prompt_format="vigos", length_buckets=(128, 256, 384), patch_buckets=(256,))
   model_cfg = ModelCfg(preset="tiny", tiny_width=128, tiny_layers=4)
   tok, model = builders.build_model(model_cfg, data)
-  teacher = distill.Teacher(*nnx.split(builders.build_model(dataclasses.replace(model_cfg, seed=1), data)[1],
+  teacher = teachers.Teacher(*nnx.split(builders.build_model(dataclasses.replace(model_cfg, seed=1), data)[1],
                                        nnx.Param))
   cfgs = {name: Config(model=model_cfg, data=data, algo=AlgoCfg(dynamic_sampling=False), distill=d)
           for name, d in METHODS.items()}
-  variants = sorted({v for c in cfgs.values() for v in distill.prompt_variants(c.distill)[0]})
-  contexts = sorted({v for c in cfgs.values() for v in distill.prompt_variants(c.distill)[1]})
+  variants = sorted({v for c in cfgs.values() for v in teachers.prompt_variants(c.distill)[0]})
+  contexts = sorted({v for c in cfgs.values() for v in teachers.prompt_variants(c.distill)[1]})
   batch = next(iter(builders.make_train_data(data, tok, model.cfg, counterfactuals=variants, contexts=contexts)))
   rng = np.random.default_rng(0)
   N = len(batch.answers) * G
   lengths = rng.integers(WIDTH // 2, WIDTH + 1, N)
   mask = jnp.asarray(np.arange(WIDTH)[None, :] < lengths[:, None], jnp.int32)
   tokens = jnp.asarray(np.where(mask, rng.integers(0, 900, (N, WIDTH)), int(tok.pad_token_id)), jnp.int32)
-  vigos_spans = distill.vigos_span_fn(tok)
-  ctx = {"real": credit.as_prompt_inputs(batch.prompts),
-         **{v: credit.counterfactual_inputs(batch.prompts, v) for v in variants + contexts}}
+  vigos_spans = teachers.vigos_span_fn(tok)
+  ctx = {"real": assign.as_prompt_inputs(batch.prompts),
+         **{v: assign.counterfactual_inputs(batch.prompts, v) for v in variants + contexts}}
 
   tx = optim.make_optimizer(optim.OptimConfig(lr=1e-5, weight_decay=0.0), optim.trainable_params(model))
   state = update.init_state(model, tx)
   fns = {}
   for name, cfg in cfgs.items():
-    keys = ("real",) + sum(distill.prompt_variants(cfg.distill), ())
-    fns[name] = (cfg, {k: ctx[k] for k in keys}, distill.make_teacher_pass(cfg, G),
-                 distill.make_step(cfg, tx=tx, group_size=G, loss_cfg=None))
+    keys = ("real",) + sum(teachers.prompt_variants(cfg.distill), ())
+    fns[name] = (cfg, {k: ctx[k] for k in keys}, teachers.make_teacher_pass(cfg.distill, G),
+                 teachers.make_step(cfg.distill, tx=tx, group_size=G, loss_cfg=None))
 
   def step(state, name):
     cfg, contexts_in, teacher_pass, distill_step = fns[name]
     spans = vigos_spans(np.asarray(tokens), np.asarray(mask)) if cfg.distill.method == "vigos" else None  # host
     out = teacher_pass(teacher, contexts_in, tokens, mask, spans)
-    (norms,) = distill.step_normalizers(cfg.distill.method, cfg.distill, [mask], [out])
-    micro = (distill.DistillBatch(prompt=contexts_in["real"], prompt_text=contexts_in.get("no_image"),
+    (norms,) = teachers.step_normalizers(cfg.distill.method, cfg.distill, [mask], [out])
+    micro = (teachers.DistillBatch(prompt=contexts_in["real"], prompt_text=contexts_in.get("no_image"),
                                   tokens_NT=tokens, mask_NT=mask, teacher=out, policy=None, **norms),)
     state, metrics = distill_step(state, teacher, micro)
     jax.block_until_ready((state.params, metrics))

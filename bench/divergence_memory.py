@@ -13,7 +13,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from jaxvg import divergences as dv
+from jaxvg.distill import divergences as dv
 
 V = 151936  # Qwen2.5 vocabulary (embedding rows)
 D = 64  # small on purpose: the point is the T x V term

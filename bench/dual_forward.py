@@ -29,7 +29,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from jaxvg import dependency, divergences, scoring  # noqa: E402
+from jaxvg.credit import dependency  # noqa: E402
+from jaxvg.distill import divergences
+from jaxvg.rl import scoring
 from jaxvg.models import ModelConfig, Qwen25VL  # noqa: E402
 
 TEXT_PROMPT, GRID, COMPLETION = 64, (1, 32, 64), 448

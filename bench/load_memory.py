@@ -65,7 +65,7 @@ def child(mode: str, path: str):
   import jax
   from flax import nnx
 
-  from jaxvg import sharding
+  from jaxvg.core import sharding
   from jaxvg.models import load_hf
 
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))

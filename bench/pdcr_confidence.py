@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from jaxvg import confidence, scoring  # noqa: E402
+from jaxvg.credit import confidence  # noqa: E402
+from jaxvg.rl import scoring
 from jaxvg.models import ModelConfig, Qwen25VL  # noqa: E402
 
 B, G, TEXT, GRID, STEPS, STEP_LEN, SUFFIX, ANSWER = 2, 2, 96, (1, 16, 16), 8, 64, 16, 4

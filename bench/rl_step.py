@@ -29,8 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from jaxvg import advantages, builders, credit, losses, optim, rollout, update  # noqa: E402
-from jaxvg.experiment import CreditCfg, DataCfg, ModelCfg  # noqa: E402
+from jaxvg.credit import assign  # noqa: E402
+from jaxvg.rl import advantages, losses, optim, rollout, update
+from jaxvg.run import builders
+from jaxvg.run.experiment import CreditCfg, DataCfg, ModelCfg  # noqa: E402
 
 G, WIDTH, ROUNDS = 4, 96, 7
 METHODS = {"dapo": CreditCfg(method="none"), "pgpo": CreditCfg(method="pgpo", counterfactual="mask_visual"),
@@ -52,7 +54,7 @@ def main():
   rewards = jnp.asarray(rng.integers(0, 2, N), jnp.float32)
   mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=jnp.asarray(tokens), mask_NT=jnp.asarray(mask),
                              answers=batch.answers)
-  prompt = credit.as_prompt_inputs(batch.prompts)
+  prompt = assign.as_prompt_inputs(batch.prompts)
 
   tx = optim.make_optimizer(optim.OptimConfig(lr=1e-5, weight_decay=0.0), optim.trainable_params(model))
   loss_cfg = losses.preset("dapo")
@@ -81,7 +83,7 @@ def main():
                           vision=p.vision, key=jax.random.key(seed), config=sampling)
     jax.block_until_ready(out.tokens_BT)
 
-  fns = {name: credit.make_credit_fn(cfg, model.cfg, tok, G, fmt=fmt) for name, cfg in METHODS.items()}
+  fns = {name: assign.make_credit_fn(cfg, model.cfg, tok, G, fmt=fmt) for name, cfg in METHODS.items()}
   sample(state, 0)  # compile the sampler
   holder, seeds, compile_s = [state], iter(range(1, 1 << 30)), {}
 

@@ -38,7 +38,7 @@ from flax import nnx  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 import jaxvg.models as M  # noqa: E402
-from jaxvg import rollout as R  # noqa: E402
+from jaxvg.rl import rollout as R  # noqa: E402
 
 IMAGE_GRID = (1, 4, 8)  # one 56 x 112 px image per prompt: 32 patches -> 8 image tokens
 SIZES = {

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jaxvg import losses, optim, scoring, update  # noqa: E402
+from jaxvg.rl import losses, optim, scoring, update  # noqa: E402
 from jaxvg.models import load_hf  # noqa: E402
 
 

@@ -8,8 +8,8 @@ the rest on the reference solutions: the model then reads the image (docs/analys
 `accuracy after` on 256 held-out synthetic prompts, each beside its white-image control.
 """
 
-from jaxvg.experiment import (AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg)
-from jaxvg.optim import OptimConfig
+from jaxvg.run.experiment import (AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg)
+from jaxvg.rl.optim import OptimConfig
 
 SFT_STEPS = 1500
 

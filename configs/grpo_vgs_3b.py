@@ -9,8 +9,8 @@ configs/vgs_3b.py with alpha = 0.3 and eta = 1 (Eq. 22 omits the step-size corre
 import dataclasses
 import os
 
-from jaxvg.config_lib import load_config
-from jaxvg.experiment import Config
+from jaxvg.core.config_lib import load_config
+from jaxvg.run.experiment import Config
 
 
 def get_config() -> Config:

@@ -9,8 +9,8 @@ KL, no dynamic sampling). Eq. 22 writes l_VGS-LP without the step-size correctio
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config
 
 
 def get_config() -> Config:

@@ -8,8 +8,8 @@ The VGS paper's baseline (Eq. 3-4): the reverse KL(p_S || q_T) of every response
 import dataclasses
 import os
 
-from jaxvg.config_lib import load_config
-from jaxvg.experiment import Config
+from jaxvg.core.config_lib import load_config
+from jaxvg.run.experiment import Config
 
 
 def get_config() -> Config:

@@ -11,8 +11,8 @@ steps as the RL demos, so the replication table compares them on one budget.
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config, DistillCfg
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config, DistillCfg
 
 
 def base_config() -> Config:

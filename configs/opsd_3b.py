@@ -10,8 +10,8 @@ initial model reads the privileged full-format prompt (problem, reference answer
 import dataclasses
 import os
 
-from jaxvg.config_lib import load_config
-from jaxvg.experiment import Config, DistillCfg
+from jaxvg.core.config_lib import load_config
+from jaxvg.run.experiment import Config, DistillCfg
 
 
 def get_config() -> Config:

@@ -10,8 +10,8 @@ the student's) and supervises all completion tokens with the forward KL(q_T || p
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config, DistillCfg
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config, DistillCfg
 
 
 def get_config() -> Config:

@@ -12,8 +12,8 @@ dynamic sampling is off (as in the GRPO setups of the PACR / PDCR papers); the l
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config, CreditCfg
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config, CreditCfg
 
 
 def get_config() -> Config:

@@ -29,8 +29,8 @@ one pass holds 4 x 8 = 32 rollouts of <= 12,800 + 2,048 tokens: on 8 x H100 with
 confidence pass adds (16 + 1) suffix copies of each row, without gradients.
 """
 
-from jaxvg.experiment import AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
-from jaxvg.optim import OptimConfig
+from jaxvg.rl.optim import OptimConfig
+from jaxvg.run.experiment import AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
 
 
 def get_config() -> Config:

@@ -13,8 +13,8 @@ perception and reasoning clusters, and the confidence-gain returns are min-max n
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config, CreditCfg
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config, CreditCfg
 
 
 def get_config() -> Config:

@@ -28,8 +28,8 @@ every device holds) + 2.1 rollout KV cache = 44.9 GiB
 (tests/test_config_optim.py checks every real-scale recipe's sum against 80 GiB).
 """
 
-from jaxvg.experiment import AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
-from jaxvg.optim import OptimConfig
+from jaxvg.rl.optim import OptimConfig
+from jaxvg.run.experiment import AlgoCfg, Config, CreditCfg, DataCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
 
 
 def get_config() -> Config:

@@ -16,8 +16,8 @@ The paper's 7B DAPO baseline collapses (entropy explosion) and is reported at it
 import dataclasses
 import os
 
-from jaxvg.config_lib import load_config
-from jaxvg.experiment import Config
+from jaxvg.core.config_lib import load_config
+from jaxvg.run.experiment import Config
 
 
 def get_config() -> Config:

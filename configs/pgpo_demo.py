@@ -10,8 +10,8 @@ the threshold-gated, mass-conserving weights (tau 0.4, beta 2.0) scale the group
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config, CreditCfg
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config, CreditCfg
 
 
 def get_config() -> Config:

@@ -26,8 +26,8 @@ two student passes with gradient and two teacher passes. On 8 x H100 ((1, 8, 1) 
 Adam + 1.75 gradients + 31.5 activations + 1.7 KV cache + 3.9 teacher = 44.1 GiB per device.
 """
 
-from jaxvg.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
-from jaxvg.optim import OptimConfig
+from jaxvg.rl.optim import OptimConfig
+from jaxvg.run.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
 
 
 def get_config() -> Config:

@@ -15,8 +15,8 @@ over 20 standard-OPD steps: |g_Std| 2.38, |g_Vis| 2.48, cos 0.887 -> eta 0.332 (
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config
 
 
 def get_config() -> Config:

@@ -21,8 +21,8 @@ Memory (bf16 compute, fp32 master weights, remat): 3.75B parameters x (4 weights
 2,048 completion tokens, scored by the student and three teacher contexts.
 """
 
-from jaxvg.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
-from jaxvg.optim import OptimConfig
+from jaxvg.rl.optim import OptimConfig
+from jaxvg.run.experiment import AlgoCfg, Config, DataCfg, DistillCfg, ModelCfg, RolloutCfg, SFTCfg, TrainCfg
 
 
 def get_config() -> Config:

@@ -9,8 +9,8 @@ The released 7B script keeps 32 prompts per step (1 per device x 4 accumulation 
 import dataclasses
 import os
 
-from jaxvg.config_lib import load_config
-from jaxvg.experiment import Config
+from jaxvg.core.config_lib import load_config
+from jaxvg.run.experiment import Config
 
 
 def get_config() -> Config:

@@ -17,8 +17,8 @@ OPSD's PALR on the whole response, the comparison of methods.md 4.2.
 import dataclasses
 import os
 
-from jaxvg import config_lib
-from jaxvg.experiment import Config, DistillCfg
+from jaxvg.core import config_lib
+from jaxvg.run.experiment import Config, DistillCfg
 
 
 def get_config() -> Config:

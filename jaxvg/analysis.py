@@ -33,11 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import advantages, builders, checkpoint, clusters, config_lib, credit, dependency, divergences
-from jaxvg import evaluate, experiment, groundtruth, pgpo, rewards, rollout, scoring, steps
-from jaxvg.data import batch as batch_lib
+from jaxvg import evaluate
+from jaxvg.core import config_lib
+from jaxvg.credit import assign, clusters, dependency, groundtruth, pgpo, steps
 from jaxvg.data import processing, synthetic
+from jaxvg.data import batch as batch_lib
 from jaxvg.data.tokenizer import load_tokenizer
+from jaxvg.distill import divergences
+from jaxvg.rl import advantages, rewards, rollout, scoring
+from jaxvg.rl import config as rl_config
+from jaxvg.run import builders, checkpoint, experiment
 
 PARAMS = ("final", "sft")
 SCORED_COUNTERFACTUALS = ("mask_visual", "white_image")  # the counterfactuals that keep the completion's positions
@@ -83,7 +88,7 @@ class Policy:
   graphdef: object
   params: object
   model_cfg: object  # jaxvg.models.ModelConfig
-  fmt: object  # jaxvg.prompts.PromptFormat
+  fmt: object  # jaxvg.data.prompts.PromptFormat
   config: experiment.Config
   tables: steps.StepTables  # the step tables over the vocabulary, as device arrays
 
@@ -123,7 +128,7 @@ def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: st
 def make_policy(config: experiment.Config, tokenizer, model) -> Policy:
   """The policy of a model in memory (e.g. one just trained by `sft.warm_start`) under the run's config."""
   graphdef, params = nnx.split(model, nnx.Param)
-  tables = jax.tree.map(jnp.asarray, credit.step_tables(tokenizer, model.cfg.text.vocab_size))
+  tables = jax.tree.map(jnp.asarray, assign.step_tables(tokenizer, model.cfg.text.vocab_size))
   return Policy(tokenizer=tokenizer, graphdef=graphdef, params=params, model_cfg=model.cfg,
                 fmt=builders.prompt_format(config.data), config=config, tables=tables)
 
@@ -185,7 +190,7 @@ def sample_rollouts(policy: Policy, batch: batch_lib.Batch, *, num_samples: int,
   reward_fn = rewards.load_reward_fn(cfg.algo.reward_fn)
   scores = [reward_fn(t, batch.answers[n // num_samples], fmt=policy.fmt) for n, t in enumerate(texts)]
   rewards_N = np.asarray([s["overall"] for s in scores], np.float32)
-  adv_N = advantages.group_advantages(rewards_N, num_samples, estimator=experiment.advantage_estimator(cfg.algo))
+  adv_N = advantages.group_advantages(rewards_N, num_samples, estimator=rl_config.advantage_estimator(cfg.algo))
   return Samples(tokens_NT=np.asarray(rolls.tokens_BT), mask_NT=np.asarray(rolls.mask_BT, bool), texts=texts,
                  rewards_N=rewards_N, accuracy_N=np.asarray([s["accuracy"] for s in scores], np.float32),
                  adv_N=np.asarray(adv_N))
@@ -280,10 +285,10 @@ def dependency_maps(policy: Policy, batch: batch_lib.Batch, tokens_NT, mask_NT, 
   c = policy.config.credit
   pgpo_cfg = pgpo.PGPOConfig(tau=c.tau, beta=c.beta, threshold_mode=c.threshold_mode,
                              low_weight_floor=c.low_weight_floor, mass_normalize=c.mass_normalize)
-  cf = credit.counterfactual_inputs(batch.prompts, counterfactual)
+  cf = assign.counterfactual_inputs(batch.prompts, counterfactual)
   # Zero advantages when none are given: one compiled program either way.
   adv = jnp.zeros(tokens_NT.shape[0], jnp.float32) if adv_N is None else jnp.asarray(adv_N, jnp.float32)
-  out = _maps_stage(policy.params, policy.graphdef, credit.as_prompt_inputs(batch.prompts), cf, tokens_NT, mask_NT,
+  out = _maps_stage(policy.params, policy.graphdef, assign.as_prompt_inputs(batch.prompts), cf, tokens_NT, mask_NT,
                     policy.tables, adv, group_size=group_size,
                     max_steps=c.max_steps if max_steps is None else max_steps, pgpo_cfg=pgpo_cfg)
   out = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
@@ -462,9 +467,9 @@ def occlusion_map(policy: Policy, batch: batch_lib.Batch, tokens_NT, mask_NT, *,
   feats_QD = _image_features(policy.params, policy.graphdef, batch.prompts.vision)[:Q]
   white_QD = None
   if counterfactual == "white_image":
-    white = credit.counterfactual_inputs(batch.prompts, "white_image").vision
+    white = assign.counterfactual_inputs(batch.prompts, "white_image").vision
     white_QD = _image_features(policy.params, policy.graphdef, white)[:Q]
-  prompt = dataclasses.replace(credit.as_prompt_inputs(batch.prompts), vision=None)
+  prompt = dataclasses.replace(assign.as_prompt_inputs(batch.prompts), vision=None)
   R = min(rows_per_call, Q)
   out = []
   for start in range(0, Q, R):

@@ -21,7 +21,10 @@ import sys
 import jax
 import numpy as np
 
-from jaxvg import config_lib, distill, metrics, train, vgs
+from jaxvg import train
+from jaxvg.core import config_lib
+from jaxvg.distill import teachers, vgs
+from jaxvg.run import metrics
 
 
 def calibration_config(cfg):
@@ -43,10 +46,10 @@ def calibrate(cfg, steps: int) -> dict:
   run_cfg = calibration_config(cfg)
   run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, steps=steps))
   d, G = run_cfg.distill, run_cfg.rollout.group_size
-  grads_fn = jax.jit(lambda params, graphdef, w, batch: distill.vgs_term_gradients(params, graphdef, w, batch, d=d,
+  grads_fn = jax.jit(lambda params, graphdef, w, batch: teachers.vgs_term_gradients(params, graphdef, w, batch, d=d,
                                                                                      group_size=G),
                      static_argnums=(1,))
-  stats_fn = jax.jit(distill.gradient_statistics)
+  stats_fn = jax.jit(teachers.gradient_statistics)
   rows = []
 
   def probe(state, teacher, micro):

@@ -15,7 +15,9 @@ import sys
 import jax
 import numpy as np
 
-from jaxvg import builders, checkpoint, config_lib, rewards, rollout
+from jaxvg.core import config_lib
+from jaxvg.rl import rewards, rollout
+from jaxvg.run import builders, checkpoint
 
 
 def scores(graphdef, params, batches, *, tokenizer, fmt, reward_fn, max_new_tokens: int, stop_token_ids,
@@ -113,7 +115,7 @@ def main(argv=None):
   mesh, sources = None, None
   if args.benchmarks:
     sources = _check_benchmarks(args, parser)  # every benchmark's files, before the model is built
-    from jaxvg import sharding
+    from jaxvg.core import sharding
     mesh = sharding.make_mesh(cfg.mesh)
   tokenizer, model = builders.build_model(cfg.model, cfg.data, mesh=mesh)
   from flax import nnx

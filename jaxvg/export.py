@@ -25,9 +25,10 @@ import sys
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxvg import builders, checkpoint, config_lib
+from jaxvg.core import config_lib
 from jaxvg.data import tokenizer as tokenizer_lib
 from jaxvg.models import ModelConfig, Qwen25VL, save_hf
+from jaxvg.run import builders, checkpoint
 
 log = logging.getLogger("jaxvg")
 # Files of a tokenizer / processor directory that an HF checkpoint directory carries along.

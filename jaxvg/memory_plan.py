@@ -1,6 +1,6 @@
 """Per-device memory arithmetic: parameters, optimizer state, gradients, activations, KV cache.
 
-Parameters are placed by the `jaxvg.sharding` tables, so `param_elements_per_device` is exact for a mesh (it sums,
+Parameters are placed by the `jaxvg.core.sharding` tables, so `param_elements_per_device` is exact for a mesh (it sums,
 over every parameter, its size divided by the number of pieces its PartitionSpec cuts it into). Activations are an
 estimate of the tensors the backward pass keeps, written out below; the KV cache is exact for `KVCache` split over
 the batch.
@@ -49,7 +49,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from jaxvg import sharding as sharding_lib
+from jaxvg.core import sharding as sharding_lib
 from jaxvg.models.config import ModelConfig
 
 GIB = 1024**3

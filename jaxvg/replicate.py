@@ -17,10 +17,10 @@ r"""Replication: every method x seed from one shared warm start and one rollout 
    from its checkpoints; an interrupted run resumes from its checkpoint.
 4. `--results` (default <out>/results.md; `--results docs/results.md` publishes it) gets each method's accuracies, the
    mean over seeds and prompts with a 95 % bootstrap interval; each method against its baseline on the same seeds and
-   prompts: the paired difference, its interval, a verdict and the minimum detectable difference (`jaxvg.stats`);
+   prompts: the paired difference, its interval, a verdict and the minimum detectable difference (`jaxvg.run.stats`);
    cost and analysis figures (mean ± sample standard deviation over seeds); the machine, date and wall time.
 
-Runs are loaded for notebooks/training_curves.ipynb by `jaxvg.runlog`.
+Runs are loaded for notebooks/training_curves.ipynb by `jaxvg.run.runlog`.
 """
 
 import argparse
@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from jaxvg import stats
+from jaxvg.run import stats
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -109,7 +109,7 @@ def warm_start_key(cfg) -> str | None:
 def plan_runs(methods: list[Method], *, seeds: int, steps: int | None, common: list[str], out_dir: str,
               eval_prompts: int = 512, config_dir: str = CONFIG_DIR) -> list[dict]:
   """One spec (a JSON-able dict) per method x seed; raises when the rollout budgets differ."""
-  from jaxvg import config_lib
+  from jaxvg.core import config_lib
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
   if eval_prompts < 1:
@@ -159,7 +159,7 @@ def result_path(spec: dict) -> str:
 
 
 def _resolve(spec):
-  from jaxvg import config_lib
+  from jaxvg.core import config_lib
   return config_lib.apply_overrides(config_lib.load_config(spec["config"]), spec["overrides"])
 
 
@@ -168,8 +168,10 @@ def heldout_scores(cfg, graphdef, params, tokenizer, model_cfg, *, split: str, n
   """{"ids": ids_P, "scores": scores_P}: each prompt's accuracy on the first `num` records of a synthetic split ("test":
   the run's held-out split, or "prior_conflict"), in record order; `white_image`: the same records with white images.
   None when the data is not synthetic."""
-  from jaxvg import builders, evaluate, rewards
+  from jaxvg import evaluate
   from jaxvg.data import pipeline, synthetic
+  from jaxvg.rl import rewards
+  from jaxvg.run import builders
   if cfg.data.source != "synthetic":
     return None
   source = synthetic.SyntheticSource(split=split, num_records=num, cfg=builders.synthetic_config(cfg.data))
@@ -220,13 +222,13 @@ def _device() -> str:
 def _warm_worker(spec: dict) -> dict:
   cfg = _resolve(spec)
   from flax import nnx
-  from jaxvg import builders, sft
+  from jaxvg.run import builders, sft
   tokenizer, model = builders.build_model(cfg.model, cfg.data)
   model = sft.warm_start(cfg, model, tokenizer)
   graphdef, params = nnx.split(model, nnx.Param)
   if cfg.distill.teacher_sft_steps:  # the distillation runs' teacher, trained once here like the student's start
-    from jaxvg import distill
-    distill.make_teacher(cfg, model, tokenizer, params)
+    from jaxvg.run import teachers as run_teachers
+    run_teachers.make_teacher(cfg, model, tokenizer, params)
   scores = per_prompt(cfg, graphdef, params, tokenizer, model.cfg, num=spec["eval_prompts"])
   return {"spec": spec, "accuracy": _mean(scores["test"]), "prior_conflict": _mean(scores["prior_conflict"]),
           "white": _mean(scores["white"]), "per_prompt": scores, "device": _device()}
@@ -235,6 +237,7 @@ def _warm_worker(spec: dict) -> dict:
 def _run_worker(spec: dict) -> dict:
   cfg = _resolve(spec)
   from jaxvg import analysis, train
+  from jaxvg.run import folder
   marker = os.path.join(spec["out_dir"], "sft", "done.json")
   if spec["warm_dir"] and not os.path.exists(marker):
     shutil.rmtree(os.path.join(spec["out_dir"], "sft"), ignore_errors=True)
@@ -244,7 +247,7 @@ def _run_worker(spec: dict) -> dict:
     shutil.rmtree(os.path.join(spec["out_dir"], "teacher"), ignore_errors=True)
     shutil.copytree(teacher, os.path.join(spec["out_dir"], "teacher"))
   stamp = os.stat(marker).st_mtime_ns if spec["warm_dir"] else None
-  _, logged, saved = train.previous_run(spec["out_dir"])
+  _, logged, saved = folder.previous_run(spec["out_dir"])
   if logged and not saved:  # killed before its first checkpoint: nothing to resume, start it over
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=True))
   out = train.run(cfg)
@@ -534,7 +537,7 @@ def render_results(summary: dict[str, dict], *, methods: list[Method], warm: lis
             "- intervals: percentile intervals of a crossed bootstrap that resamples seeds and, independently, prompts "
             "(the same prompts for every seed, and for both sides of a comparison). It errs wide, counting the seed x "
             "prompt noise more than once, so a verdict of better or worse is safe and an MDD may be up to 1.5 times "
-            "too large (`jaxvg.stats`).",
+            "too large (`jaxvg.run.stats`).",
             "- tokens/s and step time: medians over each run's RL steps after the first (the first step compiles).",
             "- dependency AUROC: how well the final policy's token dependency (PGPO's k3 score, image vs masked image) "
             "ranks the words of the reference solutions that state an image fact above the words of reasoning steps. "

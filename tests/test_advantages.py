@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvg.advantages import broadcast_to_tokens, group_advantages
+from jaxvg.rl.advantages import broadcast_to_tokens, group_advantages
 
 EPS = 1e-6
 # Two groups of three samples: group 0 = [1, 0, 0], group 1 = [3, 1, 2].

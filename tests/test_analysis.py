@@ -16,11 +16,14 @@ import pytest
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jaxvg import analysis, builders, checkpoint, config_lib, experiment, groundtruth
-from jaxvg.data import batch as batch_lib
+from jaxvg import analysis
+from jaxvg.core import config_lib
+from jaxvg.credit import groundtruth
 from jaxvg.data import synthetic
+from jaxvg.data import batch as batch_lib
 from jaxvg.models.positions import vision_layout
-from jaxvg.optim import OptimConfig
+from jaxvg.rl.optim import OptimConfig
+from jaxvg.run import builders, checkpoint, experiment
 
 G = 2
 
@@ -183,7 +186,7 @@ def test_load_policy_from_an_hf_directory_with_a_config_file(tmp_path):
   hf_dir = make_tiny_hf_checkpoint(str(tmp_path / "hf"), vocab=951)
   config = tmp_path / "hf_config.py"
   config.write_text(
-      "from jaxvg import experiment\n\n\n"
+      "from jaxvg.run import experiment\n\n\n"
       "def get_config():\n"
       f"  return experiment.Config(data=experiment.DataCfg(tokenizer={str(ASSET_DIR)!r}, prompt_format='vgs'))\n")
   got = analysis.load_policy(hf_dir=hf_dir, config_path=str(config))

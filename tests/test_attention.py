@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvg.models import KVCache, ModelConfig, Qwen25VL, layers, prepare_inputs, tiny, vision
+from jaxvg.models import KVCache, layers, ModelConfig, prepare_inputs, Qwen25VL, tiny, vision
 from test_rollout import make_prompts, unit_scale
 
 TOL = 1e-5

@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import png_bytes, qwen25vl_tokenizer, random_image, write_jsonl
-from jaxvg import prompts
-from jaxvg.data import processing, readers
+from jaxvg.data import processing, prompts, readers
 from jaxvg.data.pipeline import DataConfig, make_iterator
 
 RAW = prompts.PromptFormat(name="raw", system=None, user_template="{question}", prefill="", sections=(),

@@ -243,9 +243,9 @@ def test_benchmark_command_refuses_bad_input_before_any_work(data_dir, capsys):
 
 def test_a_benchmark_without_a_usable_record_reports_its_skips(tmp_path):
   """No record survives: no sampling happens, the report says so (accuracy null) and counts the reasons."""
-  from jaxvg import builders
   from jaxvg.data.tokenizer import load_tokenizer
-  from jaxvg.experiment import DataCfg, ModelCfg
+  from jaxvg.run import builders
+  from jaxvg.run.experiment import DataCfg, ModelCfg
   path = tmp_path / "MMStar" / "MMStar.tsv"
   os.makedirs(path.parent)
   path.write_text("index\tquestion\tA\tB\tanswer\tcategory\tl2-category\timage\n"

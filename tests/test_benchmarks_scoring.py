@@ -499,7 +499,7 @@ def tokenizer(request):
 def test_answers_read_the_same_after_tokenization(tokenizer):
   """Completions are sampled as token ids and decoded before scoring: the extraction must read the decoded text as
   it reads the string. The real BPE merges tag and brace characters with their neighbours (`.</`, `}.`, `>\\`)."""
-  from jaxvg import builders
+  from jaxvg.run import builders
   mc = math._mathvista_item(MATHVISTA_MC)
   geo = math._geometry3k_item(row(problem="<image>Find the area.", answer="\\frac{2}{3}"))
   yes = gen._hallusion_item(row(category="VD", subcategory="illusion", visual_input="1", set_id="0", figure_id="0",

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvg import calibrate, distill
+from jaxvg import calibrate
+from jaxvg.distill import teachers
 from test_distill import G, _batch, _cfg, _distill_batch  # noqa: F401  (shared fixtures)
 from test_distill import tok  # noqa: F401
 
@@ -18,24 +19,24 @@ from test_distill import tok  # noqa: F401
 def test_the_std_gradient_is_the_gradient_of_standard_opd(tok):  # noqa: F811
   """g_Std from the VGS terms equals the gradient of the OPD loss (reverse KL, token mean) computed by the OPD path."""
   cfg = _cfg(method="vgs", aggregation="token_mean")
-  variants, contexts = distill.prompt_variants(cfg.distill)
-  from jaxvg import builders
+  variants, contexts = teachers.prompt_variants(cfg.distill)
+  from jaxvg.run import builders
   model, ctx, tokens, mask = _batch(cfg, tok, variants, contexts)
   teacher_model = builders.build_model(dataclasses.replace(cfg.model, seed=4), cfg.data)[1]
-  teacher = distill.Teacher(*nnx.split(teacher_model, nnx.Param))
+  teacher = teachers.Teacher(*nnx.split(teacher_model, nnx.Param))
   batch = _distill_batch(cfg, model, teacher, ctx, tokens, mask, tok)
   graphdef, params = nnx.split(model, nnx.Param)
   w_T = teacher.model().decoder.head_weight_DV()
-  grads = distill.vgs_term_gradients(params, graphdef, w_T, batch, d=cfg.distill, group_size=G)
+  grads = teachers.vgs_term_gradients(params, graphdef, w_T, batch, d=cfg.distill, group_size=G)
 
   opd = dataclasses.replace(cfg.distill, method="opd", divergence="kl_student_teacher")
-  opd_out = distill.make_teacher_pass(dataclasses.replace(cfg, distill=opd), G)(teacher, ctx, tokens, mask)
+  opd_out = teachers.make_teacher_pass(opd, G)(teacher, ctx, tokens, mask)
   opd_batch = dataclasses.replace(batch, teacher=opd_out, prompt_text=None)
-  g_opd, _ = jax.grad(distill.distill_loss_fn, has_aux=True)(params, graphdef, w_T, opd_batch, d=opd, group_size=G,
+  g_opd, _ = jax.grad(teachers.distill_loss_fn, has_aux=True)(params, graphdef, w_T, opd_batch, d=opd, group_size=G,
                                                              loss_cfg=None)
   for a, b in zip(jax.tree.leaves(grads["std"]), jax.tree.leaves(g_opd)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-8)
-  stats = jax.device_get(distill.gradient_statistics(grads))
+  stats = jax.device_get(teachers.gradient_statistics(grads))
   flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
   s, v, lang = flat(grads["std"]), flat(grads["vis"]), flat(grads["lang"])
   np.testing.assert_allclose(stats["norm_std"], np.linalg.norm(s), rtol=1e-5)

@@ -24,8 +24,9 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxvg import checkpoint, update
 from jaxvg.models import layers
+from jaxvg.rl import update
+from jaxvg.run import checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A failed read (the damaged-step tests) leaves tensorstore callbacks aimed at orbax's finished event loop; they
@@ -290,8 +291,8 @@ def test_failed_background_save_is_one_error_at_the_next_check(tmp_path, monkeyp
 def test_a_data_state_the_pipeline_refuses_falls_back_to_the_previous_step(tmp_path, caplog):
   """Step 2 holds an iterator state with fields grain does not know (its KeyError): the step is unreadable like a
   damaged one, set aside, and step 1's state resumes the data exactly where the uninterrupted iterator is."""
-  from jaxvg import builders, experiment
   from jaxvg.data.tokenizer import load_tokenizer
+  from jaxvg.run import builders, experiment
   data = experiment.DataCfg(num_train=16, prompts_per_batch=2)
   tok = load_tokenizer()
   dataset = lambda: builders.make_train_data(data, tok, builders.model_config_for(experiment.ModelCfg(), tok))

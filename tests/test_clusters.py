@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import clusters
+from jaxvg.credit import clusters
 
 _otsu = jax.jit(clusters.otsu_threshold)
 _normalize = jax.jit(clusters.segment_normalize, static_argnames=("num_segments", "mode", "eps"))

@@ -19,7 +19,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxvg import clusters
+from jaxvg.credit import clusters
 
 assert jax.device_count() == 8, jax.devices()
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvg import builders, confidence, credit, prompts, steps
-from jaxvg.data import synthetic
-from jaxvg.experiment import DataCfg, ModelCfg
+from jaxvg.credit import assign, confidence, steps
+from jaxvg.data import prompts, synthetic
+from jaxvg.run import builders
+from jaxvg.run.experiment import DataCfg, ModelCfg
 
 G = 2
 WIDTH = 96  # completion width: the reference solutions of the batch fit
@@ -38,8 +39,8 @@ def setup():
   for n, r in enumerate(rows):
     tokens[n, :len(r)], mask[n, :len(r)] = r, True
   graphdef, params = nnx.split(model, nnx.Param)
-  prompt = credit.as_prompt_inputs(batch.prompts)
-  tables = credit.step_tables(tok, model.cfg.text.vocab_size)
+  prompt = assign.as_prompt_inputs(batch.prompts)
+  tables = assign.step_tables(tok, model.cfg.text.vocab_size)
   seg = steps.segment_steps(jnp.asarray(tokens), jnp.asarray(mask), is_boundary_V=tables.is_boundary_V,
                             is_fallback_V=tables.is_fallback_V, is_blank_V=tables.is_blank_V, max_steps=MAX_STEPS)
   T0 = prompt.input_ids_BT.shape[1]

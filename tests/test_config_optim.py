@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvg import config_lib, experiment, optim
+from jaxvg.core import config_lib
 from jaxvg.models import Qwen25VL, tiny
+from jaxvg.rl import optim
+from jaxvg.rl import config as rl_config
+from jaxvg.run import experiment
 
 
 def test_override_parses_by_declared_type():
@@ -118,35 +121,38 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")))
 def test_every_shipped_config_loads_and_names_valid_choices(name):
-  from jaxvg import credit, distill, losses, prompts, validation
+  from jaxvg.credit import assign
+  from jaxvg.data import prompts
+  from jaxvg.distill import teachers
+  from jaxvg.rl import losses
+  from jaxvg.run import validation
   cfg = config_lib.load_config(os.path.join(CONFIGS, name))
   validation.validate(cfg)
-  distill.validate(cfg)
   assert isinstance(cfg, experiment.Config)
   prompts.get_format(cfg.data.prompt_format)
-  credit.counterfactuals_needed(cfg.credit)
+  assign.counterfactuals_needed(cfg.credit)
   losses.preset(cfg.algo.name, **({"max_len": cfg.rollout.max_new_tokens} if cfg.algo.name == "drgrpo" else {}))
-  experiment.advantage_estimator(cfg.algo)
+  rl_config.advantage_estimator(cfg.algo)
   if cfg.distill.method in ("opd", "opsd"):
-    distill.divergence_config(cfg.distill)
+    teachers.divergence_config(cfg.distill)
   optim.schedule(cfg.optim)
 
 
 def test_each_loss_preset_carries_its_advantage_estimator():
-  est = lambda **kw: experiment.advantage_estimator(experiment.AlgoCfg(**kw))
+  est = lambda **kw: rl_config.advantage_estimator(experiment.AlgoCfg(**kw))
   assert [est(name=n) for n in ("grpo", "dapo", "gspo", "drgrpo")] == ["grpo", "grpo", "grpo", "drgrpo"]
   assert est(name="dapo", advantage="rloo") == "rloo" and est(name="drgrpo", advantage="rloo") == "rloo"
   # The README's `--set algo.name=drgrpo` on the demo: Dr.GRPO's loss and its own (std-free) advantage.
   demo = config_lib.apply_overrides(config_lib.load_config(os.path.join(CONFIGS, "demo.py")), ["algo.name=drgrpo"])
-  assert experiment.advantage_estimator(demo.algo) == "drgrpo"
+  assert rl_config.advantage_estimator(demo.algo) == "drgrpo"
   for std_normalized in ("grpo", "batch"):
     with pytest.raises(ValueError, match=f"algo.name='drgrpo' with algo.advantage='{std_normalized}'"):
       est(name="drgrpo", advantage=std_normalized)
 
 
 def test_each_distillation_method_defaults_to_its_papers_divergence():
-  from jaxvg import distill
-  kind = lambda **kw: distill.divergence_config(experiment.DistillCfg(**kw)).kind
+  from jaxvg.distill import teachers
+  kind = lambda **kw: teachers.divergence_config(experiment.DistillCfg(**kw)).kind
   assert kind(method="opd") == "kl_student_teacher"   # standard OPD: reverse KL (methods.md, Eq. 3-4)
   assert kind(method="opsd") == "kl_teacher_student"  # OPSD: forward KL (methods.md section 8)
   assert kind(method="opsd", divergence="jsd") == "jsd"
@@ -198,7 +204,7 @@ def test_real_scale_recipes_fit_8_h100(name):
     ("model.dtype=fp8", "model.dtype='fp8'"),
 ])
 def test_the_config_is_validated_before_any_work_with_the_field_named(assignment, message):
-  from jaxvg import validation
+  from jaxvg.run import validation
   cfg = config_lib.apply_overrides(config_lib.load_config(os.path.join(CONFIGS, "demo.py")), [assignment])
   with pytest.raises(validation.ConfigError) as e:
     validation.validate(cfg)
@@ -206,7 +212,7 @@ def test_the_config_is_validated_before_any_work_with_the_field_named(assignment
 
 
 def test_group_of_one_is_allowed_where_no_group_baseline_is_used():
-  from jaxvg import validation
+  from jaxvg.run import validation
   demo = config_lib.load_config(os.path.join(CONFIGS, "demo.py"))
   validation.validate(config_lib.apply_overrides(demo, ["rollout.group_size=1", "algo.advantage=batch"]))
   opd = config_lib.load_config(os.path.join(CONFIGS, "opd_demo.py"))

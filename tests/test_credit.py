@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxvg import builders, confidence, credit, optim, prompts, update
-from jaxvg.data import synthetic
-from jaxvg.experiment import CreditCfg, DataCfg, ModelCfg
+from jaxvg.credit import assign, confidence
+from jaxvg.data import prompts, synthetic
+from jaxvg.rl import optim, update
+from jaxvg.run import builders
+from jaxvg.run.experiment import CreditCfg, DataCfg, ModelCfg
 
 G = 2
 WIDTH = 96
@@ -44,10 +46,10 @@ def setup():
   state = update.init_state(model, optim.make_optimizer(optim.OptimConfig(), optim.trainable_params(model)))
   mb = types.SimpleNamespace(prompts=batch.prompts, tokens_NT=jnp.asarray(tokens), mask_NT=jnp.asarray(mask),
                              answers=batch.answers)
-  prompt = credit.as_prompt_inputs(batch.prompts)
+  prompt = assign.as_prompt_inputs(batch.prompts)
   logp_real, _ = _score(state.params, state.graphdef, prompt, mb.tokens_NT, mb.mask_NT, G)
   adv_NT = jnp.asarray(ADV_O[:, None] * mask)
-  fns = {m: credit.make_credit_fn(CreditCfg(method=m, counterfactual="white_image" if m == "pdcr" else "mask_visual",
+  fns = {m: assign.make_credit_fn(CreditCfg(method=m, counterfactual="white_image" if m == "pdcr" else "mask_visual",
                                             max_steps=MAX_STEPS), model.cfg, tok, G, fmt=prompts.PGPO)
          for m in ("pgpo", "pacr", "pdcr")}
   return dict(tok=tok, model=model, state=state, mb=mb, prompt=prompt, logp_real=logp_real, adv=adv_NT, fns=fns,
@@ -133,18 +135,18 @@ def _naive_step_advantages(s, step_ids, visual=None, lambda_o=1.0, lambda_p=0.5,
 
 
 def test_counterfactuals_needed_and_config_errors():
-  assert credit.counterfactuals_needed(CreditCfg(method="none")) == ()
-  assert credit.counterfactuals_needed(CreditCfg(method="pgpo")) == ("mask_visual",)
-  assert credit.counterfactuals_needed(CreditCfg(method="pacr")) == ()
-  assert credit.counterfactuals_needed(CreditCfg(method="pdcr", counterfactual="white_image")) == ("white_image",)
+  assert assign.counterfactuals_needed(CreditCfg(method="none")) == ()
+  assert assign.counterfactuals_needed(CreditCfg(method="pgpo")) == ("mask_visual",)
+  assert assign.counterfactuals_needed(CreditCfg(method="pacr")) == ()
+  assert assign.counterfactuals_needed(CreditCfg(method="pdcr", counterfactual="white_image")) == ("white_image",)
   with pytest.raises(ValueError, match="credit.method='ppo'"):
-    credit.counterfactuals_needed(CreditCfg(method="ppo"))
+    assign.counterfactuals_needed(CreditCfg(method="ppo"))
   with pytest.raises(ValueError, match="credit.counterfactual='blur'"):
-    credit.counterfactuals_needed(CreditCfg(method="pdcr", counterfactual="blur"))
+    assign.counterfactuals_needed(CreditCfg(method="pdcr", counterfactual="blur"))
   with pytest.raises(ValueError, match="max_steps"):
-    credit.counterfactuals_needed(CreditCfg(method="pacr", max_steps=0))
+    assign.counterfactuals_needed(CreditCfg(method="pacr", max_steps=0))
   with pytest.raises(ValueError, match="step_score"):
-    credit.make_credit_fn(CreditCfg(method="pacr", step_score="median"), None, None, 2, fmt=prompts.PGPO)
+    assign.make_credit_fn(CreditCfg(method="pacr", step_score="median"), None, None, 2, fmt=prompts.PGPO)
 
 
 def test_pgpo_weights_sum_to_each_response_length_on_the_real_path(setup):
@@ -157,7 +159,7 @@ def test_pgpo_weights_sum_to_each_response_length_on_the_real_path(setup):
   assert np.all(w >= 0) and np.all(adv[~s["mask"]] == 0)
   assert not np.allclose(w[s["mask"]], 1.0)  # the weights really vary
   # The logged k3 map is the sampled-token estimator of the two passes, written out.
-  cf = credit.as_prompt_inputs(s["mb"].prompts.counterfactuals["mask_visual"])
+  cf = assign.as_prompt_inputs(s["mb"].prompts.counterfactuals["mask_visual"])
   logp_cf, _ = _score(s["state"].params, s["state"].graphdef, cf, s["mb"].tokens_NT, s["mb"].mask_NT, G)
   d = np.clip(np.asarray(logp_cf) - np.asarray(s["logp_real"]), -20, 20)
   np.testing.assert_allclose(dep["token_k3"], np.clip(np.exp(d) - d - 1, 0, 10)[s["mask"]], atol=1e-6)
@@ -184,7 +186,7 @@ def test_pdcr_matches_a_naive_reference(setup):
   s = setup
   adv, metrics, dep = s["fns"]["pdcr"](s["state"], s["mb"], s["logp_real"], s["adv"])
   step_ids = _naive_steps(s["tok"], s["tokens"], s["mask"], s["eos"])
-  white = credit.as_prompt_inputs(s["mb"].prompts.counterfactuals["white_image"])
+  white = assign.as_prompt_inputs(s["mb"].prompts.counterfactuals["white_image"])
   logp_white, _ = _score(s["state"].params, s["state"].graphdef, white, s["mb"].tokens_NT, s["mb"].mask_NT, G)
   diff = np.asarray(s["logp_real"]) - np.asarray(logp_white)
   visual = [[float(diff[n, :len(ids)][ids == k].sum()) for k in range(int(ids.max()) + 1 if ids.size else 0)]
@@ -200,7 +202,7 @@ def test_pdcr_matches_a_naive_reference(setup):
 
 def test_batch_credit_pools_every_micro_batch_of_the_rollout_batch(setup):
   s = setup
-  batch_fn = credit.make_batch_credit_fn(CreditCfg(method="pacr", max_steps=MAX_STEPS), s["model"].cfg, s["tok"], G,
+  batch_fn = assign.make_batch_credit_fn(CreditCfg(method="pacr", max_steps=MAX_STEPS), s["model"].cfg, s["tok"], G,
                                          fmt=prompts.PGPO)
   # A second micro-batch: the same rollouts graded against other answers, with other outcome advantages.
   mb2 = types.SimpleNamespace(**{**vars(s["mb"]), "answers": ("7", "blue")})
@@ -274,8 +276,8 @@ def test_step_credit_input_errors(setup):
   with pytest.raises(ValueError, match="1 entries for 2 prompts"):
     s["fns"]["pacr"](s["state"], one_answer, s["logp_real"], s["adv"])
   with pytest.raises(ValueError, match="needs the prompt format"):
-    credit.make_credit_fn(CreditCfg(method="pdcr", counterfactual="white_image"), s["model"].cfg, s["tok"], G)
-  fn = credit.make_credit_fn(CreditCfg(method="pdcr", counterfactual="no_image"), s["model"].cfg, s["tok"], G,
+    assign.make_credit_fn(CreditCfg(method="pdcr", counterfactual="white_image"), s["model"].cfg, s["tok"], G)
+  fn = assign.make_credit_fn(CreditCfg(method="pdcr", counterfactual="no_image"), s["model"].cfg, s["tok"], G,
                              fmt=prompts.PGPO)
   with pytest.raises(ValueError, match="no 'no_image' variant"):
     fn(s["state"], s["mb"], s["logp_real"], s["adv"])

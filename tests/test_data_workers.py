@@ -4,7 +4,7 @@ order, and a data position that a resumed run with workers restores."""
 import numpy as np
 import pytest
 
-from jaxvg import builders, experiment
+from jaxvg.run import builders, experiment
 
 
 def _batches(it, n):

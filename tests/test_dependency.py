@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import dependency, scoring
+from jaxvg.credit import dependency
 from jaxvg.models import Qwen25VL, tiny
+from jaxvg.rl import scoring
 from model_inputs import images_to_pixels, left_padded_prompts
 
 G = 2

@@ -8,8 +8,8 @@ replication table applies the same functions to a trained policy's scores.
 import numpy as np
 import pytest
 
-from jaxvg import credit, groundtruth, prompts, steps
-from jaxvg.data import synthetic
+from jaxvg.credit import assign, groundtruth, steps
+from jaxvg.data import prompts, synthetic
 from jaxvg.data.tokenizer import load_tokenizer
 
 from data_fixtures import qwen25vl_tokenizer
@@ -101,7 +101,7 @@ def tok(request):
 
 @pytest.mark.parametrize("fmt", [prompts.PGPO, prompts.VGS])
 def test_reference_solutions_map_onto_tokens(tok, fmt):
-  tables = credit.step_tables(tok, len(tok))
+  tables = assign.step_tables(tok, len(tok))
   refs = []
   for index in range(10):  # two records of each of the five task families
     record = synthetic.make_record(index, split="train")

@@ -10,9 +10,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxvg import builders, credit, distill, experiment, update, vigos
+from jaxvg.credit import assign
 from jaxvg.data import tokenizer as tokenizer_lib
-from jaxvg.experiment import Config, DataCfg, DistillCfg, ModelCfg
+from jaxvg.distill import teachers, vigos
+from jaxvg.rl import update
+from jaxvg.run import builders, experiment, validation
+from jaxvg.run import teachers as run_teachers
+from jaxvg.run.experiment import Config, DataCfg, DistillCfg, ModelCfg
 
 G = 2
 
@@ -24,7 +28,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def vigos_spans(tok):
-  return distill.vigos_span_fn(tok)
+  return teachers.vigos_span_fn(tok)
 
 
 def _spans(tok, span_fn, texts, pad_to=None):
@@ -93,7 +97,7 @@ def _cfg(**distill_kwargs) -> Config:
 ])
 def test_invalid_distillation_configs_name_the_problem(kwargs, overrides, match):
   with pytest.raises(ValueError, match=match):
-    distill.validate(dataclasses.replace(_cfg(**kwargs), **overrides))
+    validation.validate(dataclasses.replace(_cfg(**kwargs), **overrides))
 
 
 # ---------------------------------------------------------------------------------------------------------- losses
@@ -110,14 +114,14 @@ def _batch(cfg: Config, tok, variants=(), contexts=(), seed=0):
   mask = np.ones((N, T), np.int32)
   mask[1, 9:] = 0
   mask[3, 5:] = 0
-  ctx = {"real": credit.as_prompt_inputs(batch.prompts),
-         **{v: credit.counterfactual_inputs(batch.prompts, v) for v in variants + contexts}}
+  ctx = {"real": assign.as_prompt_inputs(batch.prompts),
+         **{v: assign.counterfactual_inputs(batch.prompts, v) for v in variants + contexts}}
   return model, ctx, jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def _logits(model, prompt, tokens, mask):
   """Full [N, T, V] next-token logits of the completions: the naive reference (no chunking)."""
-  from jaxvg.scoring import completion_hidden
+  from jaxvg.rl.scoring import completion_hidden
   h, _ = completion_hidden(model, prompt, tokens, mask, G)
   return np.asarray(jnp.einsum("NTD,DV->NTV", h, model.decoder.head_weight_DV()), np.float64)
 
@@ -132,17 +136,17 @@ def _kl(logp, logq):
 
 
 def _distill_batch(cfg, model, teacher, ctx, tokens, mask, tok):
-  spans = distill.vigos_span_fn(tok)(np.asarray(tokens), np.asarray(mask)) if cfg.distill.method == "vigos" else None
-  out = distill.make_teacher_pass(cfg, G)(teacher, ctx, tokens, mask, spans)
-  (norms,) = distill.step_normalizers(cfg.distill.method, cfg.distill, [mask], [out])
-  return distill.DistillBatch(prompt=ctx["real"], prompt_text=ctx.get("no_image"), tokens_NT=tokens, mask_NT=mask,
+  spans = teachers.vigos_span_fn(tok)(np.asarray(tokens), np.asarray(mask)) if cfg.distill.method == "vigos" else None
+  out = teachers.make_teacher_pass(cfg.distill, G)(teacher, ctx, tokens, mask, spans)
+  (norms,) = teachers.step_normalizers(cfg.distill.method, cfg.distill, [mask], [out])
+  return teachers.DistillBatch(prompt=ctx["real"], prompt_text=ctx.get("no_image"), tokens_NT=tokens, mask_NT=mask,
                               teacher=out, policy=None, **norms)
 
 
 def _loss(cfg, model, teacher, batch):
   graphdef, params = nnx.split(model, nnx.Param)
   w_T = teacher.model().decoder.head_weight_DV()
-  loss, (metrics, _) = distill.distill_loss_fn(params, graphdef, w_T, batch, d=cfg.distill, group_size=G,
+  loss, (metrics, _) = teachers.distill_loss_fn(params, graphdef, w_T, batch, d=cfg.distill, group_size=G,
                                                loss_cfg=None)
   return float(loss), jax.device_get(metrics), graphdef, params, w_T
 
@@ -150,13 +154,13 @@ def _loss(cfg, model, teacher, batch):
 @pytest.mark.parametrize("method", ["opd", "vgs"])
 def test_loss_and_gradient_vanish_when_the_teacher_is_the_student(tok, method):
   cfg = _cfg(method=method, aggregation="sequence_mean")
-  variants, contexts = distill.prompt_variants(cfg.distill)
+  variants, contexts = teachers.prompt_variants(cfg.distill)
   model, ctx, tokens, mask = _batch(cfg, tok, variants, contexts)
-  teacher = distill.Teacher(*nnx.split(model, nnx.Param))
+  teacher = teachers.Teacher(*nnx.split(model, nnx.Param))
   batch = _distill_batch(cfg, model, teacher, ctx, tokens, mask, tok)
   loss, _, graphdef, params, w_T = _loss(cfg, model, teacher, batch)
   assert abs(loss) < 1e-6
-  grads, _ = jax.grad(distill.distill_loss_fn, has_aux=True)(params, graphdef, w_T, batch, d=cfg.distill,
+  grads, _ = jax.grad(teachers.distill_loss_fn, has_aux=True)(params, graphdef, w_T, batch, d=cfg.distill,
                                                              group_size=G, loss_cfg=None)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-5
 
@@ -165,10 +169,10 @@ def test_opsd_loss_equals_the_forward_kl_under_the_privileged_context_by_hand(to
   cfg = _cfg(method="opsd", divergence="kl_teacher_student", max_token_value=None, aggregation="token_mean",
              teacher_context="vigos_reference_teacher")
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompt_format="vigos"))
-  variants, contexts = distill.prompt_variants(cfg.distill)
+  variants, contexts = teachers.prompt_variants(cfg.distill)
   student, ctx, tokens, mask = _batch(cfg, tok, variants, contexts)
   teacher_model = builders.build_model(dataclasses.replace(cfg.model, seed=7), cfg.data)[1]
-  teacher = distill.Teacher(*nnx.split(teacher_model, nnx.Param))
+  teacher = teachers.Teacher(*nnx.split(teacher_model, nnx.Param))
   loss, metrics, *_ = _loss(cfg, student, teacher, _distill_batch(cfg, student, teacher, ctx, tokens, mask, tok))
   # L = sum_{n,t} m KL(q_T(.|x, y*, y<t) || p_S(.|x, y<t)) / sum m, from full logits.
   logp_s = _log_softmax(_logits(student, ctx["real"], tokens, mask))
@@ -182,19 +186,19 @@ def test_opsd_loss_equals_the_forward_kl_under_the_privileged_context_by_hand(to
 def test_vigos_loss_equals_three_teachers_by_hand(tok):
   cfg = _cfg(method="vigos", max_token_value=0.05)
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompt_format="vigos"))
-  variants, contexts = distill.prompt_variants(cfg.distill)
+  variants, contexts = teachers.prompt_variants(cfg.distill)
   student, ctx, _, _ = _batch(cfg, tok, variants, contexts)
   # Rows 0-1 valid, 2 invalid (no </think>), 3 valid with a longer description; one row ends early (padding).
   texts = ["red </description> <think> 3 + 2 = 5 </think> \\boxed{5}.",
            "a blue square </description>\n<think>\n1 + 1 = 2\n</think>\n\\boxed{2}",
            "red </description> <think> 3 + 2 = 5 \\boxed{5}",
            "two green dots on the left </description> <think> 4 </think> \\boxed{4}"]
-  ids, spans_ref = _spans(tok, distill.vigos_span_fn(tok), texts, pad_to=32)
+  ids, spans_ref = _spans(tok, teachers.vigos_span_fn(tok), texts, pad_to=32)
   tokens = jnp.asarray(ids)
   rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
   mask = jnp.asarray(np.arange(32)[None, :] < np.asarray([len(r) for r in rows])[:, None]).astype(jnp.int32)
   teacher_model = builders.build_model(dataclasses.replace(cfg.model, seed=5), cfg.data)[1]
-  teacher = distill.Teacher(*nnx.split(teacher_model, nnx.Param))
+  teacher = teachers.Teacher(*nnx.split(teacher_model, nnx.Param))
   loss, metrics, *_ = _loss(cfg, student, teacher, _distill_batch(cfg, student, teacher, ctx, tokens, mask, tok))
 
   clamp = lambda v: np.minimum(v, 0.05)
@@ -232,22 +236,22 @@ def test_two_micro_batches_make_the_same_update_as_one_batch(tok, method):
   """The step's normalizers (token counts, VGS's step-wide Q_0.7) make micro-batch accumulation exact: two
   micro-batches of G completions per prompt update the weights like one batch of the same 2G completions."""
   cfg = _cfg(method=method, aggregation="token_mean")
-  variants, contexts = distill.prompt_variants(cfg.distill)
+  variants, contexts = teachers.prompt_variants(cfg.distill)
   model, ctx, tokens_a, mask_a = _batch(cfg, tok, variants, contexts, seed=0)
   _, _, tokens_b, mask_b = _batch(cfg, tok, variants, contexts, seed=1)
   teacher_model = builders.build_model(dataclasses.replace(cfg.model, seed=3), cfg.data)[1]
-  teacher = distill.Teacher(*nnx.split(teacher_model, nnx.Param))
+  teacher = teachers.Teacher(*nnx.split(teacher_model, nnx.Param))
   tx = optax.sgd(1.0)
   graphdef, params = nnx.split(model, nnx.Param)
 
   def run(parts, group_size):
-    teacher_pass = distill.make_teacher_pass(cfg, group_size)
+    teacher_pass = teachers.make_teacher_pass(cfg.distill, group_size)
     outs = [teacher_pass(teacher, ctx, t, m) for t, m in parts]
-    norms = distill.step_normalizers(method, cfg.distill, [m for _, m in parts], outs)
-    micro = tuple(distill.DistillBatch(prompt=ctx["real"], prompt_text=ctx.get("no_image"), tokens_NT=t, mask_NT=m,
+    norms = teachers.step_normalizers(method, cfg.distill, [m for _, m in parts], outs)
+    micro = tuple(teachers.DistillBatch(prompt=ctx["real"], prompt_text=ctx.get("no_image"), tokens_NT=t, mask_NT=m,
                                        teacher=o, policy=None, **n) for (t, m), o, n in zip(parts, outs, norms))
     state = update.init_state(nnx.merge(graphdef, jax.tree.map(jnp.copy, params)), tx)
-    return distill.make_step(cfg, tx=tx, group_size=group_size, loss_cfg=None)(state, teacher, micro)
+    return teachers.make_step(cfg.distill, tx=tx, group_size=group_size, loss_cfg=None)(state, teacher, micro)
 
   split_state, split_m = run([(tokens_a, mask_a), (tokens_b, mask_b)], G)
   # One batch: prompt b's rows are its G completions from a, then its G from b.
@@ -266,15 +270,15 @@ def test_a_teacher_from_an_hf_directory_is_frozen_and_checked(tok, tmp_path):
   _, student = builders.build_model(cfg.model, cfg.data)
   save_hf(student, str(tmp_path / "teacher"))
   cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "teacher")))
-  teacher = distill.make_teacher(cfg, student, tok, None)
+  teacher = run_teachers.make_teacher(cfg, student, tok, None)
   for a, b in zip(jax.tree.leaves(nnx.split(student, nnx.Param)[1]), jax.tree.leaves(teacher.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   other = dataclasses.replace(student.cfg, text=dataclasses.replace(student.cfg.text, vocab_size=1000))
   with pytest.raises(ValueError, match="vocabulary"):
-    distill.check_teacher(other, student.cfg)
+    teachers.check_teacher(other, student.cfg)
   missing = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=str(tmp_path / "nothing")))
   with pytest.raises(ValueError, match="neither 'initial' nor"):
-    distill.make_teacher(missing, student, tok, None)
+    run_teachers.make_teacher(missing, student, tok, None)
 
 
 # ---------------------------------------------------------------------------------------------------------- PALR
@@ -283,7 +287,7 @@ def test_a_teacher_from_an_hf_directory_is_frozen_and_checked(tok, tmp_path):
 def test_the_decoy_context_carries_the_next_records_answer(tok):
   cfg = dataclasses.replace(_cfg(method="opsd", palr=True),
                             data=dataclasses.replace(_cfg().data, prompt_format="vigos"))
-  variants, contexts = distill.prompt_variants(cfg.distill)
+  variants, contexts = teachers.prompt_variants(cfg.distill)
   assert contexts == ("vigos_reference_teacher", "vigos_reference_teacher@decoy_answer")
   _, model = builders.build_model(cfg.model, cfg.data)
   from jaxvg.data import pipeline
@@ -306,19 +310,19 @@ def test_palr_parts_equal_the_formula_from_full_logits(tok):
   to itself with the next record's answer, I with the next prompt's image; all from full logits here."""
   cfg = dataclasses.replace(_cfg(method="opsd", divergence="kl_teacher_student", palr=True),
                             data=dataclasses.replace(_cfg().data, prompt_format="vigos"))
-  variants, contexts = distill.prompt_variants(cfg.distill)
+  variants, contexts = teachers.prompt_variants(cfg.distill)
   student, ctx, tokens, mask = _batch(cfg, tok, variants, contexts)
   teacher_model = builders.build_model(dataclasses.replace(cfg.model, seed=6), cfg.data)[1]
   for model in (student, teacher_model):  # sharper distributions: KLs of order 1, far above float32 noise
     model.decoder.final_norm_D[...] = 40.0 * model.decoder.final_norm_D[...]
-  teacher = distill.Teacher(*nnx.split(teacher_model, nnx.Param))
+  teacher = teachers.Teacher(*nnx.split(teacher_model, nnx.Param))
   name = "vigos_reference_teacher"
   grid = np.asarray(ctx[name].vision.rope_hw_P2)  # one 8 x 8 image per prompt in this batch
   P = 64
   assert grid.shape[0] >= 2 * P
-  out = distill.make_teacher_pass(cfg, G)(teacher, ctx, tokens, mask, image_patches=P)
-  (norms,) = distill.step_normalizers("opsd", cfg.distill, [mask], [out])
-  batch = distill.DistillBatch(prompt=ctx["real"], prompt_text=None, tokens_NT=tokens, mask_NT=mask, teacher=out,
+  out = teachers.make_teacher_pass(cfg.distill, G)(teacher, ctx, tokens, mask, image_patches=P)
+  (norms,) = teachers.step_normalizers("opsd", cfg.distill, [mask], [out])
+  batch = teachers.DistillBatch(prompt=ctx["real"], prompt_text=None, tokens_NT=tokens, mask_NT=mask, teacher=out,
                                policy=None, **norms)
   _, metrics, *_ = _loss(cfg, student, teacher, batch)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import divergences as dv
+from jaxvg.distill import divergences as dv
 
 V = 6
 

@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from jaxvg.dynamic_sampling import DynamicBatch, fill, keep_groups, select_groups
+from jaxvg.rl.dynamic_sampling import DynamicBatch, fill, keep_groups, select_groups
 
 
 def _batch(prompt_ids, group_size):

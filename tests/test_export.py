@@ -14,13 +14,15 @@ import torch
 from flax import nnx
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from jaxvg import checkpoint, export, update
-from jaxvg.models import Qwen25VL, forward, load_hf
+from jaxvg import export
+from jaxvg.models import forward, load_hf, Qwen25VL
+from jaxvg.rl import update
+from jaxvg.run import checkpoint
 from model_inputs import images_to_pixels
 from test_rollout import unit_scale
 
 CONFIG = '''
-from jaxvg.experiment import Config, ModelCfg
+from jaxvg.run.experiment import Config, ModelCfg
 
 
 def get_config():
@@ -34,7 +36,7 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("run")
   config_path = tmp / "tiny_config.py"
   config_path.write_text(CONFIG)
-  from jaxvg import config_lib
+  from jaxvg.core import config_lib
   cfg = config_lib.load_config(str(config_path))
   mcfg = export.model_config(cfg)
   model = unit_scale(nnx.eval_shape(lambda: Qwen25VL(mcfg, rngs=nnx.Rngs(0))), seed=4)

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import png_bytes, qwen25vl_tokenizer, random_image, write_geometry3k_parquet, write_jsonl
-from jaxvg import prompts
-from jaxvg.data import processing, readers
+from jaxvg.data import processing, prompts, readers
 from jaxvg.data.pipeline import DataConfig, make_iterator
 from jaxvg.data.processing import RecordError
 

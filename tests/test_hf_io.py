@@ -16,8 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import TinyIds, load_torch_model, make_mm_batch, make_tiny_hf_checkpoint, to_torch
-from jaxvg.models import forward, load_hf, save_hf
-from jaxvg.models import safetensors_io
+from jaxvg.models import forward, load_hf, safetensors_io, save_hf
 
 ROWS = [[2, (56, 84), 1], [(84, 56), 3]]
 

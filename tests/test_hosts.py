@@ -1,4 +1,4 @@
-"""jaxvg.hosts in one process: processed records survive the byte format exactly, and interleaving the shards' records
+"""jaxvg.core.hosts in one process: processed records survive the byte format exactly, and interleaving the shards' records
 gives the order of the unsharded epoch (what the hosts of a multi-host run rebuild their global batch with). The
 exchange itself runs across two processes in tests/test_train_multihost.py."""
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from data_fixtures import qwen25vl_tokenizer
-from jaxvg import hosts
+from jaxvg.core import hosts
 from jaxvg.data import processing
-from jaxvg.data.pipeline import DataConfig, ProcessRecord, interleave, make_iterator
+from jaxvg.data.pipeline import DataConfig, interleave, make_iterator, ProcessRecord
 from test_pipeline import PROMPT, tiny_records
 
 

@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from hf_fixtures import TinyIds, load_torch_model, make_mm_batch, make_tiny_hf_checkpoint, to_torch
-from jaxvg.models import KVCache, forward, load_hf, mrope_positions, prepare_inputs, text_positions
+from jaxvg.models import forward, KVCache, load_hf, mrope_positions, prepare_inputs, text_positions
 
 IDS = TinyIds(512)
 SPECIAL = [IDS.image, IDS.video, IDS.vision_start, IDS.vision_end]

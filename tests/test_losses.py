@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg.losses import PolicyLossConfig, aggregate, policy_loss, preset, sequence_mean
+from jaxvg.rl.losses import aggregate, policy_loss, PolicyLossConfig, preset, sequence_mean
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # Two sequences of lengths 2 and 3 in a [2, 3] batch; position (0, 2) is padding with garbage values.

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jaxvg import memory_plan, optim
-from jaxvg.models import QWEN25VL_3B, QWEN25VL_7B, KVCache, Qwen25VL, tiny
+from jaxvg import memory_plan
+from jaxvg.models import KVCache, Qwen25VL, QWEN25VL_3B, QWEN25VL_7B, tiny
+from jaxvg.rl import optim
 
 # The default table by hand: these logical axes go to fsdp, these to tensor; the rest is replicated.
 FSDP_AXES = {"embed", "vision_embed", "vision_merge_out"}

@@ -17,7 +17,7 @@ from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from hf_fixtures import tiny_hf_config
-from jaxvg.models import PRESETS, QWEN25VL_3B, QWEN25VL_7B, ModelConfig, Qwen25VL, tiny
+from jaxvg.models import ModelConfig, PRESETS, Qwen25VL, QWEN25VL_3B, QWEN25VL_7B, tiny
 
 # The flat layout of the original Qwen2.5-VL-7B-Instruct config.json (text fields at the top level, rope_scaling
 # with type "mrope", rope_theta at the top, in_chans and spatial_patch_size in the vision config).

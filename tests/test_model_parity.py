@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from hf_fixtures import TinyIds, hf_reference, make_mm_batch, make_tiny_hf_checkpoint, load_torch_model
-from jaxvg.models import VisionInputs, forward, load_hf, vision_layout
+from jaxvg.models import forward, load_hf, vision_layout, VisionInputs
 
 pytestmark = pytest.mark.slow  # layer-by-layer parity builds four checkpoints and compiles each
 

@@ -6,7 +6,7 @@ import nbclient
 import nbformat
 import pytest
 
-from jaxvg import metrics
+from jaxvg.run import metrics
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "training_curves.ipynb")
 
@@ -36,7 +36,7 @@ def test_committed_notebook_has_no_outputs():
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(c.outputs == [] and c.execution_count is None for c in code)
   assert "parameters" in code[0].metadata["tags"]
-  assert not any("def " in c.source for c in code)  # helpers live in jaxvg.runlog
+  assert not any("def " in c.source for c in code)  # helpers live in jaxvg.run.runlog
 
 
 @pytest.mark.slow

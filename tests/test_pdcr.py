@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import pdcr
-from jaxvg.steps import StepSegments
+from jaxvg.credit import pdcr
+from jaxvg.credit.steps import StepSegments
 
 CFG = pdcr.PDCRConfig()
 _pdcr = jax.jit(pdcr.pdcr_advantages, static_argnames=("cfg",))

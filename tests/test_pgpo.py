@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import pgpo
+from jaxvg.credit import pgpo
 
 
 def _scores_from_logs(logs):

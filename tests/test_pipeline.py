@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from data_fixtures import qwen25vl_tokenizer, random_image
-from jaxvg import prompts
-from jaxvg.data import processing
-from jaxvg.data.pipeline import DataConfig, ProcessRecord, Rejected, make_dataset, make_iterator, record_limits
+from jaxvg.data import processing, prompts
+from jaxvg.data.pipeline import DataConfig, make_dataset, make_iterator, ProcessRecord, record_limits, Rejected
 
 RAW = prompts.PromptFormat(name="raw", system=None, user_template="{question}", prefill="", sections=(),
                            images_first=False)

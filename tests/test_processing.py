@@ -15,8 +15,7 @@ from PIL import Image
 from data_fixtures import (IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID, make_records, qwen25vl_tokenizer,
                            random_image, reference_processor)
 from hf_fixtures import make_tiny_hf_model
-from jaxvg import prompts
-from jaxvg.data import processing
+from jaxvg.data import processing, prompts
 from jaxvg.data.batch import collate, collate_prompts, pick_bucket, rollout_sequence, rollout_sequences
 from jaxvg.models.positions import vision_layout
 

@@ -3,10 +3,11 @@ land glued to the progress bar."""
 
 import io
 import logging
+import types
 
 import pytest
 
-from jaxvg import metrics
+from jaxvg.run import metrics
 
 
 class Terminal(io.StringIO):
@@ -115,3 +116,36 @@ def test_a_log_line_to_a_closed_stream_never_raises_into_the_caller(capsys):
     logger.removeHandler(handler)
     progress.close()
   assert "Logging error" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_that_a_callback_swallowed_is_raised_at_the_next_safe_point(monkeypatch, capfd):
+  """Python ignores an exception raised inside __del__ or a gc callback (XLA's runs during compilation): the latch
+  raises the KeyboardInterrupt again at the next progress update and after the next announced call, and Python's
+  "Exception ignored" report of it stays off the terminal."""
+  import os
+  import signal
+  import sys
+  previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+  reports = []
+  sys.unraisablehook = reports.append  # what Python would report: here, nothing
+  monkeypatch.setattr(metrics, "_INTERRUPTED", [False])
+
+  class Swallows:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # the handler runs on one of these bytecodes, inside __del__
+        pass
+
+  try:
+    metrics.latch_interrupts()
+    Swallows()  # collected at once: the KeyboardInterrupt is printed as ignored, and nothing else happens
+    with pytest.raises(KeyboardInterrupt):
+      metrics.Progress(3, desc="x", enabled=False).update(1)
+    with pytest.raises(KeyboardInterrupt):
+      metrics.announce_compiles(lambda x: x, "identity")(1)
+    assert reports == [] and "Exception ignored" not in capfd.readouterr().err
+    sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("other")))  # anything else is still reported
+    assert len(reports) == 1
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    sys.unraisablehook = hook

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from jaxvg import prompts
+from jaxvg.data import prompts
 from jaxvg.data.tokenizer import load_tokenizer
 
 # The PGPO / EasyR1 instruction and the VGS system prompt, typed from the methods notes (sections 2.3 and 5.3).

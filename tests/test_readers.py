@@ -12,8 +12,7 @@ import pytest
 
 from data_fixtures import (make_records, png_bytes, qwen25vl_tokenizer, random_image, write_geometry3k_parquet,
                            write_jsonl, write_verl_parquet)
-from jaxvg import prompts
-from jaxvg.data import processing, readers
+from jaxvg.data import processing, prompts, readers
 from jaxvg.data.pipeline import DataConfig, make_dataset
 from jaxvg.data.processing import RecordError
 

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 
 from data_fixtures import qwen25vl_tokenizer
-from jaxvg import analysis, builders, confidence, credit, prompts, rewards, steps
+from jaxvg import analysis
+from jaxvg.credit import assign, confidence, steps
+from jaxvg.data import prompts
 from jaxvg.data.tokenizer import load_tokenizer
+from jaxvg.rl import rewards
+from jaxvg.run import builders
 
 MODEL_VOCAB = {"real": 151_936, "shipped": None}  # Qwen2.5-VL's embedding rows; None: the tokenizer's size + 7
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -35,7 +39,7 @@ class Vocab:
   ids: dict  # byte-level token string -> id, for the BPE ids only
   n_bpe: int  # ids below are BPE tokens, the special tokens follow
   eos: tuple  # <|im_end|>, <|endoftext|>
-  tables: steps.StepTables  # credit.step_tables over the model's vocabulary
+  tables: steps.StepTables  # assign.step_tables over the model's vocabulary
 
 
 @functools.cache
@@ -51,7 +55,7 @@ def _vocab(name: str) -> Vocab:
   size = MODEL_VOCAB[name] or len(tok) + 7
   return Vocab(name=name, tok=tok, texts=tok.batch_decode([[i] for i in range(len(tok))]), pieces=pieces,
                ids={p: i for i, p in enumerate(pieces[:n_bpe])}, n_bpe=n_bpe,
-               eos=(vocab["<|im_end|>"], vocab["<|endoftext|>"]), tables=credit.step_tables(tok, size))
+               eos=(vocab["<|im_end|>"], vocab["<|endoftext|>"]), tables=assign.step_tables(tok, size))
 
 
 @pytest.fixture(scope="module", params=["shipped", "real"])

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 
 from data_fixtures import png_bytes, qwen25vl_tokenizer, random_image
-from jaxvg import builders, confidence, config_lib, credit, distill, rewards, steps
+from jaxvg.core import config_lib
+from jaxvg.credit import assign, confidence, steps
 from jaxvg.data import processing
+from jaxvg.distill import teachers
 from jaxvg.models.config import PRESETS
+from jaxvg.rl import rewards
+from jaxvg.run import builders
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*_3b.py")) +
@@ -72,8 +76,8 @@ def test_recipe_prompts_on_the_real_vocabulary(tok, record, name):
   model_cfg = PRESETS[cfg.model.preset]
   assert len(tok) <= model_cfg.text.vocab_size
   assert tok.convert_tokens_to_ids("<|image_pad|>") == model_cfg.image_token_id
-  counterfactuals, contexts = distill.prompt_variants(cfg.distill)
-  counterfactuals = tuple(dict.fromkeys(credit.counterfactuals_needed(cfg.credit) + counterfactuals))
+  counterfactuals, contexts = teachers.prompt_variants(cfg.distill)
+  counterfactuals = tuple(dict.fromkeys(assign.counterfactuals_needed(cfg.credit) + counterfactuals))
   # A smaller pixel budget than the recipe's keeps the test fast; the text path does not depend on it.
   data = dataclasses.replace(cfg.data, min_pixels=56 * 56, max_pixels=112 * 112)
   proc = processing.make_processor(tok, builders.prompt_config(data, counterfactuals=counterfactuals,
@@ -131,7 +135,7 @@ def test_recipe_completion_decoding_rewards_and_steps(tok, name):
   dot_n, n = tok.convert_tokens_to_ids(".Ċ"), tok.convert_tokens_to_ids("Ċ")
   split_ids = [t for i in ids for t in ((dot_n, n) if tok.decode([i]) == ".\n\n" else (i,))]
   assert len(split_ids) == len(ids) + len(STEPS[fmt.name]) - 1
-  tables = jax.tree.map(jnp.asarray, credit.step_tables(tok, PRESETS[cfg.model.preset].text.vocab_size))
+  tables = jax.tree.map(jnp.asarray, assign.step_tables(tok, PRESETS[cfg.model.preset].text.vocab_size))
   segs = []
   for row_ids in (ids, split_ids):
     tokens, mask = rollout_row(tok, row_ids)

@@ -9,7 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from jaxvg import metrics, replicate, runlog
+from jaxvg import replicate
+from jaxvg.run import metrics, runlog
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 MINI = ["--set", "sft.steps=1", "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
@@ -70,7 +71,7 @@ def test_plan_shares_the_warm_start_and_checks_the_budget(tmp_path):
 def test_unequal_rollout_budgets_are_an_error(tmp_path):
   shutil.copy(os.path.join(CONFIGS, "demo.py"), tmp_path / "demo.py")
   (tmp_path / "pgpo_demo.py").write_text(
-      "import dataclasses, os\nfrom jaxvg import config_lib\n\ndef get_config():\n"
+      "import dataclasses, os\nfrom jaxvg.core import config_lib\n\ndef get_config():\n"
       "  base = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py'))\n"
       "  return dataclasses.replace(base, rollout=dataclasses.replace(base.rollout, group_size=4))\n")
   methods = replicate.select_methods(["GRPO", "DAPO", "PGPO-GRPO"], config_dir=str(tmp_path))

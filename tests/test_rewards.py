@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxvg import prompts, rewards
+from jaxvg.data import prompts
+from jaxvg.rl import rewards
 
 
 def _run_with_deadline(fn, seconds):
@@ -195,14 +196,14 @@ def test_load_reward_fn_imports_only_that_module(tmp_path, monkeypatch):
 
 
 def test_load_reward_fn_default_and_errors():
-  assert rewards.load_reward_fn("jaxvg.rewards:default_reward") is rewards.default_reward
-  for spec in ["jaxvg.rewards", "a:b:c", ":f", "jaxvg.rewards:", 3]:
+  assert rewards.load_reward_fn("jaxvg.rl.rewards:default_reward") is rewards.default_reward
+  for spec in ["jaxvg.rl.rewards", "a:b:c", ":f", "jaxvg.rl.rewards:", 3]:
     with pytest.raises(ValueError, match="module.path:function"):
       rewards.load_reward_fn(spec)
   with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
     rewards.load_reward_fn("no_such_module_xyz:f")
   with pytest.raises(ValueError, match="no function 'nope'"):
-    rewards.load_reward_fn("jaxvg.rewards:nope")
+    rewards.load_reward_fn("jaxvg.rl.rewards:nope")
 
 
 def test_symbolic_grading_does_not_warn_about_its_disabled_timeouts(monkeypatch, caplog):

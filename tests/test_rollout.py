@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxvg.models as M
-from jaxvg import rollout as R
+from jaxvg.rl import rollout as R
 
 N_NEW = 6  # max_new_tokens of the image-prompt tests (one compiled prefill for all of them)
 G = 2

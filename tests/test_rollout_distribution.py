@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats
 
 import jaxvg.models as M
-from jaxvg import rollout as R
+from jaxvg.rl import rollout as R
 from test_rollout import full_logits, make_prompts, nucleus_logq, unit_scale, vision_inputs
 
 P_MIN = 1e-3  # chi-square p-value threshold

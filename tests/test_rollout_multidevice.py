@@ -27,7 +27,7 @@ def main():
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import jaxvg.models as M
-  from jaxvg import rollout as R
+  from jaxvg.rl import rollout as R
   from test_rollout import make_prompts, unit_scale, vision_inputs
 
   jax.config.update("jax_default_matmul_precision", "highest")

@@ -17,7 +17,9 @@ import time
 
 import pytest
 
-from jaxvg import config_lib, evaluate, metrics, train
+from jaxvg import evaluate, train
+from jaxvg.core import config_lib
+from jaxvg.run import folder, metrics, validation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "..", "configs", "demo.py")
@@ -73,10 +75,10 @@ def test_fields_safe_to_change_resume(finished):
   cfg = config_lib.apply_overrides(config_lib.load_config(CONFIG), [f"train.out_dir={finished}", *TINY])
   safe = ["train.steps=40", "train.eval_every=5", "train.samples_logged=1", "train.keep_checkpoints=5",
           "train.save_every=3", "train.max_skipped_updates=9", "mesh.fsdp=1"]
-  train.check_run_folder(config_lib.apply_overrides(cfg, safe))
-  with pytest.raises(train.validation.ConfigError, match="checkpoints up to step 2 and train.resume=false"):
-    train.check_run_folder(config_lib.apply_overrides(cfg, ["train.resume=false"]))
-  changes = train.config_changes(json.load(open(finished / "config.json")), config_lib.to_dict(
+  folder.check_run_folder(config_lib.apply_overrides(cfg, safe))
+  with pytest.raises(validation.ConfigError, match="checkpoints up to step 2 and train.resume=false"):
+    folder.check_run_folder(config_lib.apply_overrides(cfg, ["train.resume=false"]))
+  changes = folder.config_changes(json.load(open(finished / "config.json")), config_lib.to_dict(
       config_lib.apply_overrides(cfg, safe + ["train.out_dir=/elsewhere", "optim.lr=1e-3"])))
   assert changes == {"optim.lr": (5e-05, 0.001)}
 
@@ -183,7 +185,7 @@ def test_skipped_records_are_counted_per_reason_in_the_logs(tmp_path):
 
 def slow_reward(completion, answer, *, fmt):
   """The default reward, a quarter second late: a step long enough to send a second signal into."""
-  from jaxvg import rewards
+  from jaxvg.rl import rewards
   time.sleep(0.25)
   return rewards.default_reward(completion, answer, fmt=fmt)
 

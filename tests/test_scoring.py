@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import scoring
-from jaxvg.models import Qwen25VL, forward, tiny
+from jaxvg.models import forward, Qwen25VL, tiny
+from jaxvg.rl import scoring
 from model_inputs import images_to_pixels, left_padded_prompts
 
 

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvg import builders, config_lib, sft
+from jaxvg.core import config_lib
 from jaxvg.data import synthetic
+from jaxvg.run import builders, sft
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 TINY = ["sft.batch_size=3", "model.tiny_width=32", "model.tiny_layers=1", "model.tiny_vision_width=32"]

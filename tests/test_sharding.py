@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxvg import optim, sharding, update
-from jaxvg.models import Qwen25VL, layers, tiny
-from jaxvg.sharding import AxisRules, MeshConfig, partition_spec
+from jaxvg.core import sharding
+from jaxvg.core.sharding import AxisRules, MeshConfig, partition_spec
+from jaxvg.models import layers, Qwen25VL, tiny
+from jaxvg.rl import optim, update
 
 
 @pytest.mark.parametrize("cfg,devices,want", [

@@ -68,8 +68,10 @@ def host_main(index: int, port: int, tmp: str):
   from jax.experimental import multihost_utils
   from jax.sharding import PartitionSpec as P
 
-  from jaxvg import checkpoint, sharding, update
+  from jaxvg.core import sharding
   from jaxvg.models import layers
+  from jaxvg.rl import update
+  from jaxvg.run import checkpoint
 
   jax.config.update("jax_default_matmul_precision", "highest")
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
@@ -158,8 +160,11 @@ def main(tmp):
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from jaxvg import checkpoint, losses, memory_plan, optim, scoring, sharding, update
-  from jaxvg.models import Qwen25VL, layers, load_hf, tiny
+  from jaxvg import memory_plan
+  from jaxvg.core import sharding
+  from jaxvg.models import layers, load_hf, Qwen25VL, tiny
+  from jaxvg.rl import losses, optim, scoring, update
+  from jaxvg.run import checkpoint
   from model_inputs import images_to_pixels, left_padded_prompts
   from test_rollout import unit_scale
 

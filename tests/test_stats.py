@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxvg import stats
+from jaxvg.run import stats
 
 Z_975, Z_80 = 1.959964, 0.841621  # standard normal table: z_{0.975} and z_{0.8}
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import steps
+from jaxvg.credit import steps
 
 # A toy vocabulary: id -> decoded text.
 TEXTS = ["<pad>", "a", "b", "\n\n", "\n", ".\n\n", " ", "c", "\n\n\n", ".\n", " x"]

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from jaxvg import prompts, rewards
-from jaxvg.data import synthetic
-from jaxvg.data.synthetic import SyntheticConfig, SyntheticSource, make_record, render_solution
+from jaxvg.data import prompts, synthetic
+from jaxvg.data.synthetic import make_record, render_solution, SyntheticConfig, SyntheticSource
+from jaxvg.rl import rewards
 
 # Written independently of the generator: the palette, the digit color, and the seven-segment table.
 PALETTE = {(220, 38, 38): "red", (22, 163, 74): "green", (37, 99, 235): "blue", (234, 179, 8): "yellow",

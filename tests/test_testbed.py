@@ -13,7 +13,10 @@ import os
 
 import pytest
 
-from jaxvg import analysis, builders, config_lib, dependency, sft
+from jaxvg import analysis
+from jaxvg.core import config_lib
+from jaxvg.credit import dependency
+from jaxvg.run import builders, sft
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 # Shortened from the demo (600 + 1500 steps) to keep the test at a few minutes on 2 cores.

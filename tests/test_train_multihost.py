@@ -1,7 +1,7 @@
 """The training script as two processes on localhost (jax.distributed, 2 CPU devices each, one (data 2, fsdp 2) mesh
 across them) against one process holding all 4 devices: the same batches, rollouts, rewards, losses and final weights.
 
-Each host reads its own shard of the data and the hosts exchange the processed records (jaxvg.hosts), so both runs
+Each host reads its own shard of the data and the hosts exchange the processed records (jaxvg.core.hosts), so both runs
 see the same global batches; the sampler draws per global row, so both sample the same completions. Every run is
 its own process: the device count and the distributed client are fixed when JAX starts.
 """

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import losses, optim, scoring, update
 from jaxvg.models import Qwen25VL, tiny
+from jaxvg.rl import losses, optim, scoring, update
 from model_inputs import images_to_pixels, left_padded_prompts
 
 G = 2

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import divergences as dv
-from jaxvg import vgs
+from jaxvg.distill import vgs
+from jaxvg.distill import divergences as dv
 
 B, T, V = 3, 6, 9
 MASK = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvg import divergences as dv
-from jaxvg import vigos
+from jaxvg.distill import vigos
+from jaxvg.distill import divergences as dv
 
 VOCAB = ["<pad>", "<eos>", "</", "description", ">", ">\n", "<think>", "</think>", "\\", "boxed", "{", "}", "}}",
          "{(", ")}", "}{", "a", "b", "x", "=", "5", "frac", ".", "<th", "ink", "1", "2", "{5}", "<", ".</", "}."]

@@ -9,8 +9,8 @@ previous tag's first token and map character offsets to tokens through the fast 
 import numpy as np
 import pytest
 
-from jaxvg import distill
 from jaxvg.data import tokenizer as tokenizer_lib
+from jaxvg.distill import teachers
 
 DESCRIPTIONS = ("A red circle and a blue square.", "Three stars (two yellow)", "The grid shows: 3, 5 and 7",
                 "A 3×4 board; top-left is green.")
@@ -30,7 +30,7 @@ def tok(request):
 
 @pytest.fixture(scope="module")
 def span_fn(tok):
-  return distill.vigos_span_fn(tok)
+  return teachers.vigos_span_fn(tok)
 
 
 def _ignore(tok):

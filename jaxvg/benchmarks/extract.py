@@ -19,7 +19,7 @@ import ast
 import random
 import re
 
-from jaxvg import rewards
+from jaxvg.rl import rewards
 
 _THINK_CLOSE = ("</think>", "</reason>")
 

@@ -7,10 +7,9 @@ import re
 
 import numpy as np
 
-from jaxvg import prompts
 from jaxvg.benchmarks import extract
-from jaxvg.benchmarks.spec import Benchmark, Item, accuracy_and_categories, categories, group_all_correct, need
-from jaxvg.benchmarks.spec import text_of
+from jaxvg.benchmarks.spec import accuracy_and_categories, Benchmark, categories, group_all_correct, Item, need, text_of
+from jaxvg.data import prompts
 from jaxvg.data.processing import RecordError
 
 IMAGE = prompts.IMAGE_PLACEHOLDER

@@ -9,11 +9,11 @@ import math
 import os
 import re
 
-from jaxvg import prompts, rewards
 from jaxvg.benchmarks import extract
-from jaxvg.benchmarks.spec import Benchmark, Item, accuracy_and_categories, categories, group_all_correct, need
-from jaxvg.benchmarks.spec import text_of
+from jaxvg.benchmarks.spec import accuracy_and_categories, Benchmark, categories, group_all_correct, Item, need, text_of
+from jaxvg.data import prompts
 from jaxvg.data.processing import RecordError
+from jaxvg.rl import rewards
 
 IMAGE = prompts.IMAGE_PLACEHOLDER
 _ANSWER_IS = re.compile(r"answer is[:\s]*(.+)", flags=re.IGNORECASE)
@@ -363,4 +363,4 @@ GEOMETRY3K = Benchmark(
     name="geometry3k", folders=("geometry3k", "Geometry3K"), files=("data/test-*.parquet", "test*.parquet"),
     required=(("problem",), ("answer",), ("images",)), image_columns=("images",), item=_geometry3k_item,
     score=geometry3k_score, aggregate=accuracy_and_categories,
-    source="hiyouga/geometry3k test split; EasyR1 / PGPO prompt and boxed-answer reward (jaxvg.rewards)")
+    source="hiyouga/geometry3k test split; EasyR1 / PGPO prompt and boxed-answer reward (jaxvg.rl.rewards)")

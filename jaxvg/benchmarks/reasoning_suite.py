@@ -14,9 +14,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from jaxvg import prompts
 from jaxvg.benchmarks import extract
-from jaxvg.benchmarks.spec import Benchmark, Item, categories, need, text_of
+from jaxvg.benchmarks.spec import Benchmark, categories, Item, need, text_of
+from jaxvg.data import prompts
 from jaxvg.data.processing import RecordError
 
 IMAGE = prompts.IMAGE_PLACEHOLDER

@@ -28,11 +28,12 @@ import os
 import jax
 import numpy as np
 
-from jaxvg import builders, prompts, rollout
 from jaxvg.benchmarks import files
 from jaxvg.benchmarks.spec import Benchmark, Item
-from jaxvg.data import pipeline, processing
+from jaxvg.data import pipeline, processing, prompts
 from jaxvg.data.processing import RecordError
+from jaxvg.rl import rollout
+from jaxvg.run import builders
 
 log = logging.getLogger("jaxvg")
 

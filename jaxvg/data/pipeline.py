@@ -14,7 +14,7 @@ little more than the next index. Each epoch is shuffled differently (grain resee
 of the shuffled epoch, truncated to a multiple of shard_count so that all hosts see the same number of records.
 
 Shapes are bucketed per batch (jaxvg.data.batch). When the shards are the processes of a multi-host run, each host
-processes data.batch_size / shard_count records per batch and the hosts exchange them (`jaxvg.hosts`), so every host
+processes data.batch_size / shard_count records per batch and the hosts exchange them (`jaxvg.core.hosts`), so every host
 collates the same global batch, with the same buckets, in the order a single process reading the whole epoch sees.
 
 Processing (image decode, transformers' image processor, chat template, tokenization, positions) runs in the grain
@@ -30,7 +30,7 @@ import logging
 import grain
 import jax
 
-from jaxvg import hosts
+from jaxvg.core import hosts
 from jaxvg.data import processing
 from jaxvg.data.batch import Batch, collate
 from jaxvg.models.config import VisionConfig

@@ -3,7 +3,7 @@
 A canonical record is a dict {"id", "images", "problem" (one "<image>" per image), "answer", "source"} with optional
 "solution" and "system". The prompt is
 
-  messages = jaxvg.prompts.build_messages(problem, fmt)   # [system?, user: text and {"type": "image"} entries]
+  messages = jaxvg.data.prompts.build_messages(problem, fmt)   # [system?, user: text and {"type": "image"} entries]
   text = tokenizer.apply_chat_template(messages, add_generation_prompt=True) + fmt.prefill
   pixel_values, image_grid_thw = Qwen2VLImageProcessorPil(images)   # or jaxvg.data.images.preprocess: same values
   input_ids = tokenizer(text), each <|image_pad|> expanded to t*h*w / merge^2 pads (as Qwen2_5_VLProcessor does)
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from jaxvg import prompts
+from jaxvg.data import prompts
 from jaxvg.data.images import preprocess as preprocess_images
 from jaxvg.models.positions import mrope_positions
 
@@ -67,7 +67,7 @@ class PromptConfig:
   """How records become prompts.
 
   Attributes:
-    prompt_format: a `jaxvg.prompts` format (or its name): system turn, user template, assistant prefill (ViGOS
+    prompt_format: a `jaxvg.data.prompts` format (or its name): system turn, user template, assistant prefill (ViGOS
       prefills "<description>"). A record's own "system" replaces the format's.
     min_pixels, max_pixels: the image processor's pixel budget per image (Qwen2.5-VL's defaults).
     max_prompt_tokens: longer prompts (after pad expansion) are rejected as "prompt_too_long" (the pipeline lowers it
@@ -76,7 +76,7 @@ class PromptConfig:
     max_patches: records with more vision patches in all are rejected as "too_many_patches" (None: no limit; the
       pipeline sets max(patch_buckets) // batch_size).
     counterfactuals: which of COUNTERFACTUALS to build next to the real prompt.
-    contexts: prompt format names (`jaxvg.prompts.FORMATS`) to build next to the real prompt with the same images
+    contexts: prompt format names (`jaxvg.data.prompts.FORMATS`) to build next to the real prompt with the same images
       and the record's answer as the reference: the privileged contexts of distillation teachers (OPSD, ViGOS).
       They travel in `Example.counterfactuals` under the format's name. "<format>@decoy_answer" builds the same
       context with the record's "decoy_answer" (another record's answer, set by the pipeline) as the reference:
@@ -365,7 +365,7 @@ def process_images(processor: Processor, images: list[Image.Image]) -> tuple[np.
 def process_record(processor: Processor, record: dict) -> Example:
   """One canonical record -> `Example` (real prompt plus the configured counterfactuals); raises `RecordError`.
 
-  The messages come from `jaxvg.prompts.build_messages` with the record's answer as the reference (used only by
+  The messages come from `jaxvg.data.prompts.build_messages` with the record's answer as the reference (used only by
   formats with a "{reference}" slot). `image_only` uses `prompts.image_only_messages`: a user turn of images only,
   without the format's system turn or prefill (the context of ViGOS's perception teacher).
   """

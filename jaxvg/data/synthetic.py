@@ -33,7 +33,7 @@ import hashlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxvg.prompts import BOX_OPEN, PromptFormat
+from jaxvg.data.prompts import BOX_OPEN, PromptFormat
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {"red": (220, 38, 38), "green": (22, 163, 74), "blue": (37, 99, 235), "yellow": (234, 179, 8),
@@ -319,7 +319,7 @@ def _draw_digit(draw, digit, box, rgb):
     draw.rectangle(rects[seg], fill=rgb)
 
 
-# The per-cell labels of the perception stage (jaxvg.sft): what a merged visual token of the board should tell.
+# The per-cell labels of the perception stage (jaxvg.run.sft): what a merged visual token of the board should tell.
 CELL_CLASSES = {"kind": ("empty",) + SHAPES + ("digit",), "color": ("none",) + tuple(COLORS) + (DIGIT_COLOR[0],),
                 "size": ("none",) + tuple(SIZES), "digit": ("none",) + tuple(str(d) for d in range(10))}
 

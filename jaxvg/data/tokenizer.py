@@ -69,8 +69,7 @@ CORPUS_FORMATS = ("pgpo", "vgs", "vigos", "vigos_reasoning_teacher", "vigos_refe
 def tokenizer_corpus(*, seed: int = CORPUS_SEED, records: dict[str, int] | None = None) -> list[str]:
   """Training text: for each synthetic record, its problem, the chat roles and, in every format, the system and user
   prompts and the reference solution (with the prefill). Special tokens are never part of it."""
-  from jaxvg import prompts
-  from jaxvg.data import synthetic
+  from jaxvg.data import prompts, synthetic
 
   # The generator's first form, pinned: the shipped vocabulary does not move when the generator's defaults do.
   cfg = synthetic.SyntheticConfig(seed=seed, image_size=112, perception="scene", cell_tint=0)

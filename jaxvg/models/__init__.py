@@ -9,6 +9,6 @@ from jaxvg.models.config import (PRESETS, QWEN25VL_3B, QWEN25VL_7B, QWEN25VL_32B
                                  TextConfig, VisionConfig, tiny)
 from jaxvg.models.decoder import Decoder, KVCache
 from jaxvg.models.hf import load_hf, save_hf
-from jaxvg.models.positions import VisionLayout, mrope_positions, text_positions, vision_layout
+from jaxvg.models.positions import mrope_positions, text_positions, vision_layout, VisionLayout
 from jaxvg.models.vision import VisionInputs, VisionTower
-from jaxvg.models.vlm import Qwen25VL, forward, merge_image_features, prepare_inputs
+from jaxvg.models.vlm import forward, merge_image_features, prepare_inputs, Qwen25VL

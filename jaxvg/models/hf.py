@@ -215,7 +215,7 @@ def load_hf(path: str, *, dtype=None, param_dtype=None, sharding: Callable[..., 
     dtype: compute dtype; defaults to the checkpoint's.
     param_dtype: storage dtype of the parameters; defaults to `dtype` (bf16 checkpoints load as bf16).
     sharding: optional `fn(param_name, logical_axes, shape) -> Sharding` placing each parameter (see
-      `jaxvg.sharding.param_sharding`);
+      `jaxvg.core.sharding.param_sharding`);
       by default parameters go to the default device.
     remat: rematerialize each layer in the backward pass.
     attention_impl: the attention kernel (`ModelConfig.attention_impl`; how the model runs, not what it is).

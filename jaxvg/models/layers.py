@@ -10,7 +10,7 @@ from jaxvg.models.config import ATTENTION_IMPLS
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", scale: float = 0.02) -> nnx.Param:
-  """A parameter carrying its logical axis names (one per dimension) for `jaxvg.sharding`."""
+  """A parameter carrying its logical axis names (one per dimension) for `jaxvg.core.sharding`."""
   if len(shape) != len(axes):
     raise ValueError(f"shape {shape} and logical axes {axes} differ in rank")
   if init == "ones":

@@ -217,7 +217,7 @@ def param_sharding(mesh: Mesh, model_cfg=None, *, rules: AxisRules = AxisRules()
 
 def load_hf_sharded(path: str, mesh: Mesh, *, rules: AxisRules = AxisRules(), overrides: Overrides = (), **kwargs):
   """`load_hf(path, sharding=param_sharding(mesh, <the checkpoint's ModelConfig>), **kwargs)`."""
-  from jaxvg.models import ModelConfig, load_hf
+  from jaxvg.models import load_hf, ModelConfig
   with open(os.path.join(path, "config.json")) as f:
     model_cfg = ModelConfig.from_hf(json.load(f))
   return load_hf(path, sharding=param_sharding(mesh, model_cfg, rules=rules, overrides=overrides), **kwargs)
@@ -288,7 +288,7 @@ def init_sharded(make_model: Callable[[], nnx.Module], tx, mesh: Mesh, *, rules:
   `make_model()` builds the module (e.g. `lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))`); its shapes come from
   `jax.eval_shape`, and each device computes only its own slices of the random weights.
   """
-  from jaxvg import update
+  from jaxvg.rl import update
 
   def init():
     return update.init_state(make_model(), tx)

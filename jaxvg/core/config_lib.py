@@ -98,3 +98,10 @@ def apply_overrides(cfg, assignments: list[str]):
 
 def to_dict(cfg) -> dict[str, Any]:
   return dataclasses.asdict(cfg)
+
+
+def repr_without(cfg, *names: str) -> str:
+  """The dataclass repr of `cfg` without the fields `names` (added fields that change no result: the repr of a
+  config written before they existed stays the same)."""
+  fields = (f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg) if f.name not in names)
+  return f"{type(cfg).__qualname__}({', '.join(fields)})"

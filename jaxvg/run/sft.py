@@ -25,10 +25,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxvg import builders, checkpoint, groundtruth, hosts, metrics, optim, sharding, update
+from jaxvg.core import hosts, sharding
+from jaxvg.credit import groundtruth
 from jaxvg.data import processing, synthetic
 from jaxvg.models.vision import VisionInputs
-from jaxvg.scoring import PromptInputs
+from jaxvg.rl import optim, update
+from jaxvg.rl.scoring import PromptInputs
+from jaxvg.run import builders, checkpoint, metrics
 
 log = logging.getLogger("jaxvg")
 

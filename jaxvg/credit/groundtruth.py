@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxvg import clusters
+from jaxvg.credit import clusters
 from jaxvg.data.synthetic import RenderedSolution
 
 PERCEPTION, REASONING, ANSWER = "perception", "reasoning", "answer"

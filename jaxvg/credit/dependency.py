@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvg import divergences, scoring
+from jaxvg.distill import divergences
+from jaxvg.rl import scoring
 
 COUNTERFACTUALS = ("mask_visual", "no_image", "white_image", "image_only")
 

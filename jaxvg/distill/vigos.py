@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxvg import divergences
+from jaxvg.distill import divergences
 
 
 # ----------------------------------------------------------------------------------------------------------------------

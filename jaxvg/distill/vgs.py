@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from jaxvg import divergences
+from jaxvg.distill import divergences
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,12 +17,12 @@ A step has two stages, like the RL loop's score -> update:
      loss is mixed in: alpha * L_distill + (1 - alpha) * L_RL (VGS Eq. 22).
 
 Teachers are parameter pytrees, `Teacher(graphdef, params)`: the policy at the start of RL (the same arrays as the KL
-reference, no second copy) or another Qwen2.5-VL from its own HF directory (same vocabulary), placed like the policy.
+reference, no second copy) or another Qwen2.5-VL from its own HF directory (same vocabulary), placed like the policy;
+`jaxvg.run.teachers.make_teacher` builds the one a config names.
 """
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import flax.struct
@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import builders, divergences, losses, prompts, sft, update, vgs, vigos
 from jaxvg.data.processing import DECOY
 from jaxvg.data.tokenizer import special_token_ids
-from jaxvg.experiment import DEFAULT_DIVERGENCE, Config, DistillCfg
-from jaxvg.scoring import PromptInputs, completion_hidden, token_logps
+from jaxvg.distill import divergences, vgs, vigos
+from jaxvg.distill.config import DEFAULT_DIVERGENCE, DistillCfg
+from jaxvg.rl import losses, update
+from jaxvg.rl.scoring import completion_hidden, PromptInputs, token_logps
 
 METHODS = ("none", "opd", "opsd", "vigos", "vgs")
 REASONING_CONTEXT, REFERENCE_CONTEXT = "vigos_reasoning_teacher", "vigos_reference_teacher"
@@ -52,43 +53,6 @@ class Teacher:
 
 
 # ---------------------------------------------------------------------------------------------------------- config
-
-
-def validate(cfg: Config):
-  """Raises ValueError naming the field when the distillation config cannot run."""
-  d = cfg.distill
-  if d.method not in METHODS:
-    raise ValueError(f"distill.method={d.method!r}: choose one of {METHODS}")
-  if d.method == "none":
-    return
-  if not 0.0 <= d.rl_alpha <= 1.0:
-    raise ValueError(f"distill.rl_alpha={d.rl_alpha} must lie in [0, 1]")
-  if d.rl_alpha == 0.0 and cfg.algo.dynamic_sampling:
-    raise ValueError("pure distillation (distill.rl_alpha=0) uses every rollout: set algo.dynamic_sampling=False")
-  if d.rl_alpha == 0.0 and cfg.credit.method != "none":
-    raise ValueError(f"credit.method={cfg.credit.method!r} reweights RL advantages; pure distillation "
-                     "(distill.rl_alpha=0) has none: set credit.method='none' or distill.rl_alpha > 0")
-  if d.aggregation not in divergences.AGGREGATIONS:
-    raise ValueError(f"distill.aggregation={d.aggregation!r}: choose one of {divergences.AGGREGATIONS}")
-  if d.teacher_sft_steps and d.teacher != "initial":
-    raise ValueError("distill.teacher_sft_steps continues the student's warm start: it needs distill.teacher='initial'")
-  if d.method in ("opd", "opsd"):
-    divergence_config(d)
-  if d.method == "opsd":
-    teacher_fmt, student_fmt = prompts.get_format(d.teacher_context), prompts.get_format(cfg.data.prompt_format)
-    if teacher_fmt.prefill != student_fmt.prefill:
-      raise ValueError(f"distill.teacher_context={d.teacher_context!r} prefills {teacher_fmt.prefill!r} but the "
-                       f"student's format {student_fmt.name!r} prefills {student_fmt.prefill!r}: the teacher must "
-                       "score the same completion tokens")
-  if d.method == "vigos":
-    if cfg.data.prompt_format != "vigos":
-      raise ValueError(f"distill.method='vigos' needs data.prompt_format='vigos', got {cfg.data.prompt_format!r}")
-    vigos_config(d)
-  if d.method == "vgs":
-    vgs_config(d)
-  if d.palr and d.method not in ("opsd", "vigos"):
-    raise ValueError(f"distill.palr measures a privileged teacher's answer leakage: it needs distill.method opsd or "
-                     f"vigos, not {d.method!r}")
 
 
 def divergence_config(d: DistillCfg) -> divergences.DivergenceConfig:
@@ -353,20 +317,19 @@ def distill_step(state: update.TrainState, teacher: Teacher, micro: tuple[Distil
   return update.apply_update(state, tx, grads, [metrics], loss=loss, max_update_ratio=max_update_ratio)
 
 
-def make_step(cfg: Config, *, tx, group_size: int, loss_cfg: losses.PolicyLossConfig | None, out_shardings=None):
-  """The jitted distillation step for `cfg.distill` (the state is donated; the teacher is not)."""
-  fn = functools.partial(distill_step, tx=tx, d=cfg.distill, group_size=group_size,
-                         loss_cfg=loss_cfg if cfg.distill.rl_alpha > 0 else None,
-                         max_update_ratio=cfg.optim.max_update_ratio)
+def make_step(d: DistillCfg, *, tx, group_size: int, loss_cfg: losses.PolicyLossConfig | None,
+              max_update_ratio: float = 1.0, out_shardings=None):
+  """The jitted distillation step for `d` (the state is donated; the teacher is not)."""
+  fn = functools.partial(distill_step, tx=tx, d=d, group_size=group_size,
+                         loss_cfg=loss_cfg if d.rl_alpha > 0 else None, max_update_ratio=max_update_ratio)
   if out_shardings is None:
     return jax.jit(fn, donate_argnums=(0,))
   return jax.jit(fn, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_teacher_pass(cfg: Config, group_size: int):
-  """The jitted teacher pass for `cfg.distill` (teacher, contexts, tokens_NT, mask_NT, spans=None) -> TeacherOut;
-  vigos takes the spans of `vigos_span_fn`."""
-  d = cfg.distill
+def make_teacher_pass(d: DistillCfg, group_size: int):
+  """The jitted teacher pass for `d` (teacher, contexts, tokens_NT, mask_NT, spans=None) -> TeacherOut; vigos takes
+  the spans of `vigos_span_fn`."""
 
   def fn(teacher, contexts, tokens_NT, mask_NT, spans=None, image_patches=0):
     return teacher_pass(teacher, contexts, tokens_NT, mask_NT, method=d.method, group_size=group_size,
@@ -375,30 +338,6 @@ def make_teacher_pass(cfg: Config, group_size: int):
                         image_patches=image_patches)
 
   return jax.jit(fn, static_argnames=("image_patches",))
-
-
-def make_teacher(cfg: Config, model, tokenizer, initial_params, *, mesh=None) -> Teacher | None:
-  """The frozen teacher of `cfg.distill`: the initial policy (`initial_params`, shared with the KL reference), that
-  policy's warm start continued for `teacher_sft_steps` (the demo's stronger teacher), or an HF directory."""
-  d = cfg.distill
-  if d.method == "none":
-    return None
-  graphdef = nnx.split(model, nnx.Param)[0]
-  if d.teacher == "initial" and not d.teacher_sft_steps:
-    return Teacher(graphdef, initial_params)
-  if d.teacher == "initial":
-    start = nnx.merge(graphdef, jax.tree.map(jnp.copy, initial_params))
-    # The student's warm start continued: its tower has already been through the perception stage.
-    teacher_sft = dataclasses.replace(cfg.sft, steps=d.teacher_sft_steps, perception_steps=0)
-    teacher_cfg = dataclasses.replace(cfg, sft=teacher_sft)
-    trained = sft.warm_start(teacher_cfg, start, tokenizer, name="teacher",
-                             origin=f"student warm start {cfg.sft!r}", mesh=mesh)
-    return Teacher(*nnx.split(trained, nnx.Param))
-  if not os.path.isdir(d.teacher):
-    raise ValueError(f"distill.teacher={d.teacher!r} is neither 'initial' nor a local HF checkpoint directory")
-  loaded = builders.load_model(d.teacher, cfg.model, mesh=mesh)
-  check_teacher(loaded.cfg, model.cfg)
-  return Teacher(*nnx.split(loaded, nnx.Param))
 
 
 # ---------------------------------------------------------------------------------------------------------- calibration

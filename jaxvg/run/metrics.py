@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -146,6 +147,7 @@ class Progress:
     self.line = ""
 
   def update(self, done: int, info: str = ""):
+    raise_if_interrupted()
     if not self.enabled:
       return
     elapsed = time.time() - self.start
@@ -220,6 +222,35 @@ def _signature(args, kwargs) -> tuple:
   return (treedef, tuple(sig))
 
 
+_INTERRUPTED = [False]
+
+
+def latch_interrupts():
+  """Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as by default, and is remembered: when it lands inside a
+  callback whose exceptions Python ignores (XLA's garbage-collection hook during compilation, a __del__), it is raised
+  again at the next progress update or announced call (`raise_if_interrupted`), and Python's "Exception ignored"
+  report of it is left out. The training loop installs its own handler (save at the end of the step) and puts this
+  one back after."""
+
+  def handler(signum, frame):
+    _INTERRUPTED[0] = True
+    raise KeyboardInterrupt
+
+  hook = sys.unraisablehook
+
+  def unraisable(report):
+    if not (_INTERRUPTED[0] and isinstance(report.exc_value, KeyboardInterrupt)):
+      hook(report)
+
+  signal.signal(signal.SIGINT, handler)
+  sys.unraisablehook = unraisable
+
+
+def raise_if_interrupted():
+  if _INTERRUPTED[0]:
+    raise KeyboardInterrupt
+
+
 def announce_compiles(fn, name: str, *, logger: logging.Logger | None = None, min_seconds: float = 1.0):
   """`fn` with a log line around each first call at new input shapes: such a call compiles (a jitted function, or a
   Python function whose jitted parts see new shapes) and can take minutes on a large model.
@@ -244,6 +275,7 @@ def announce_compiles(fn, name: str, *, logger: logging.Logger | None = None, mi
       logger.info("compiling %s ...", name)
     t = time.time()
     out = jax.block_until_ready(fn(*args, **kwargs))
+    raise_if_interrupted()  # a Ctrl-C during compilation that a callback swallowed
     seconds = time.time() - t
     _COMPILE_SECONDS[0] += seconds
     if first or seconds >= min_seconds:

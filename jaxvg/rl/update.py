@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxvg import losses, optim, scoring
+from jaxvg.rl import losses, optim, scoring
 
 
 @flax.struct.dataclass

@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import hosts, scoring, steps
-from jaxvg.prompts import BOX_OPEN, PromptFormat
+from jaxvg.core import hosts
+from jaxvg.credit import steps
+from jaxvg.data.prompts import BOX_OPEN, PromptFormat
+from jaxvg.rl import scoring
 
 
 @jax.tree_util.register_dataclass

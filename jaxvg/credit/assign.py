@@ -30,12 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import confidence, hosts, pdcr, pgpo, scoring, steps, update
+from jaxvg.core import hosts
+from jaxvg.credit import confidence, pdcr, pgpo, steps
+from jaxvg.credit.config import CreditCfg
+from jaxvg.credit.dependency import COUNTERFACTUALS
+from jaxvg.data.prompts import PromptFormat
 from jaxvg.data.tokenizer import special_token_ids
-from jaxvg.dependency import COUNTERFACTUALS, DependencyGuard  # noqa: F401  (re-exported for the train script)
-from jaxvg.experiment import CreditCfg
-from jaxvg.prompts import PromptFormat
-from jaxvg.scoring import PromptInputs
+from jaxvg.rl import scoring, update
+from jaxvg.rl.scoring import PromptInputs
 
 METHODS = ("none", "pgpo", "pacr", "pdcr")
 BLANK_TOKENS = ("<|im_end|>", "<|endoftext|>")  # never open a step: "answer\n\n<|im_end|>" keeps EOS in the last one

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from jaxvg import hosts
+from jaxvg.core import hosts
 from jaxvg.models.decoder import KVCache
 from jaxvg.models.vision import VisionInputs
 

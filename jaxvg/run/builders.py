@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvg import prompts
+from jaxvg.data import pipeline, processing, prompts, readers, synthetic
 from jaxvg.data import batch as batch_lib
-from jaxvg.data import pipeline, processing, readers, synthetic
 from jaxvg.data.tokenizer import load_tokenizer, special_token_ids
-from jaxvg.experiment import DataCfg, ModelCfg
-from jaxvg.models import PRESETS, ModelConfig, Qwen25VL, load_hf
+from jaxvg.models import load_hf, ModelConfig, PRESETS, Qwen25VL
 from jaxvg.models import config as model_config
+from jaxvg.run.experiment import DataCfg, ModelCfg
 
 log = logging.getLogger("jaxvg")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -67,7 +66,7 @@ def build_model(cfg: ModelCfg, data: DataCfg, *, mesh=None):
   model = Qwen25VL(mcfg, rngs=nnx.Rngs(cfg.seed), dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                    remat=cfg.remat)
   if mesh is not None:  # the same random weights on every host, each device keeping its shards
-    from jaxvg import hosts, sharding
+    from jaxvg.core import hosts, sharding
     state = nnx.state(model)
     nnx.update(model, hosts.put(state, sharding.state_shardings(mesh, state)))
   return tokenizer, model
@@ -79,7 +78,7 @@ def load_model(path: str, cfg: ModelCfg, *, mesh=None) -> Qwen25VL:
                 attention_impl=cfg.attention_impl)
   if mesh is None:
     return load_hf(path, **kwargs)
-  from jaxvg import sharding  # local: the data side of the package does not need the sharding tables
+  from jaxvg.core import sharding  # local: the data side of the package does not need the sharding tables
   return sharding.load_hf_sharded(path, mesh, **kwargs)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxvg.prompts import BOX_OPEN, PromptFormat
+from jaxvg.data.prompts import BOX_OPEN, PromptFormat
 
 RewardFn = Callable[..., dict[str, float]]
 

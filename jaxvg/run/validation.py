@@ -5,9 +5,13 @@ need. `validate(cfg)` raises `ConfigError` naming the field, its value and what 
   config error: train.save_every=0: must be an integer >= 1
 """
 
-from jaxvg import advantages, credit, distill, experiment, optim, pgpo, prompts
-from jaxvg.data import processing, synthetic
+from jaxvg.credit import assign, pgpo
+from jaxvg.data import processing, prompts, synthetic
+from jaxvg.distill import divergences, teachers
 from jaxvg.models import config as model_config
+from jaxvg.rl import advantages, optim
+from jaxvg.rl import config as rl_config
+from jaxvg.run import experiment
 
 SOURCES = ("synthetic", "geo3k", "verl", "jsonl")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -90,10 +94,10 @@ def validate(cfg: experiment.Config) -> None:
   _within("rollout.top_p", r.top_p, 0.0, 1.0, open_low=True)
   _at_least("rollout.top_k", r.top_k, 0)
 
-  _choice("algo.name", a.name, tuple(experiment.PRESET_ADVANTAGE))
+  _choice("algo.name", a.name, tuple(rl_config.PRESET_ADVANTAGE))
   _choice("algo.advantage", a.advantage, ("",) + advantages.ESTIMATORS)
   try:
-    estimator = experiment.advantage_estimator(a)
+    estimator = rl_config.advantage_estimator(a)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if r.group_size < 2 and estimator in GROUP_ESTIMATORS and (cfg.distill.method == "none" or cfg.distill.rl_alpha > 0):
@@ -103,7 +107,7 @@ def validate(cfg: experiment.Config) -> None:
     raise ConfigError(f"algo.ds_low={a.ds_low}, algo.ds_high={a.ds_high}: need 0 <= ds_low < ds_high <= 1")
   _at_least("algo.kl_coef", a.kl_coef, 0.0, kind=float)
 
-  _choice("credit.method", c.method, credit.METHODS)
+  _choice("credit.method", c.method, assign.METHODS)
   _choice("credit.counterfactual", c.counterfactual, processing.COUNTERFACTUALS)
   _choice("credit.threshold_mode", c.threshold_mode, pgpo.THRESHOLD_MODES)
   _choice("credit.step_score", c.step_score, STEP_SCORES)
@@ -136,6 +140,43 @@ def validate(cfg: experiment.Config) -> None:
     raise ConfigError("train.out_dir is empty")
 
   try:
-    distill.validate(cfg)
+    _distill(cfg)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _distill(cfg: experiment.Config):
+  """Raises ValueError naming the field when the distillation config cannot run."""
+  d = cfg.distill
+  if d.method not in teachers.METHODS:
+    raise ValueError(f"distill.method={d.method!r}: choose one of {teachers.METHODS}")
+  if d.method == "none":
+    return
+  if not 0.0 <= d.rl_alpha <= 1.0:
+    raise ValueError(f"distill.rl_alpha={d.rl_alpha} must lie in [0, 1]")
+  if d.rl_alpha == 0.0 and cfg.algo.dynamic_sampling:
+    raise ValueError("pure distillation (distill.rl_alpha=0) uses every rollout: set algo.dynamic_sampling=False")
+  if d.rl_alpha == 0.0 and cfg.credit.method != "none":
+    raise ValueError(f"credit.method={cfg.credit.method!r} reweights RL advantages; pure distillation "
+                     "(distill.rl_alpha=0) has none: set credit.method='none' or distill.rl_alpha > 0")
+  if d.aggregation not in divergences.AGGREGATIONS:
+    raise ValueError(f"distill.aggregation={d.aggregation!r}: choose one of {divergences.AGGREGATIONS}")
+  if d.teacher_sft_steps and d.teacher != "initial":
+    raise ValueError("distill.teacher_sft_steps continues the student's warm start: it needs distill.teacher='initial'")
+  if d.method in ("opd", "opsd"):
+    teachers.divergence_config(d)
+  if d.method == "opsd":
+    teacher_fmt, student_fmt = prompts.get_format(d.teacher_context), prompts.get_format(cfg.data.prompt_format)
+    if teacher_fmt.prefill != student_fmt.prefill:
+      raise ValueError(f"distill.teacher_context={d.teacher_context!r} prefills {teacher_fmt.prefill!r} but the "
+                       f"student's format {student_fmt.name!r} prefills {student_fmt.prefill!r}: the teacher must "
+                       "score the same completion tokens")
+  if d.method == "vigos":
+    if cfg.data.prompt_format != "vigos":
+      raise ValueError(f"distill.method='vigos' needs data.prompt_format='vigos', got {cfg.data.prompt_format!r}")
+    teachers.vigos_config(d)
+  if d.method == "vgs":
+    teachers.vgs_config(d)
+  if d.palr and d.method not in ("opsd", "vigos"):
+    raise ValueError(f"distill.palr measures a privileged teacher's answer leakage: it needs distill.method opsd or "
+                     f"vigos, not {d.method!r}")

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxvg import clusters
-from jaxvg.steps import StepSegments
+from jaxvg.credit import clusters
+from jaxvg.credit.steps import StepSegments
 
 STEP_SCORES = ("sum", "mean")
 
