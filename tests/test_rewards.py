@@ -216,3 +216,10 @@ def test_symbolic_grading_does_not_warn_about_its_disabled_timeouts(monkeypatch,
   with caplog.at_level(logging.WARNING):
     assert rewards.grade_answer("\\sqrt{4}", "2")
   assert "Timeout is disabled" not in caplog.text
+
+
+def test_a_reward_named_by_its_former_module_path_loads_the_same_function():
+  """Configs and run folders written before the layout by stage name jaxvg.rewards; it is jaxvg.rl.rewards now."""
+  assert rewards.load_reward_fn("jaxvg.rewards:default_reward") is rewards.default_reward
+  assert rewards.canonical_spec(" jaxvg.rewards : grade ") == "jaxvg.rl.rewards:grade"
+  assert rewards.canonical_spec("mypkg.scorer:reward") == "mypkg.scorer:reward"

@@ -81,6 +81,12 @@ def test_fields_safe_to_change_resume(finished):
   changes = folder.config_changes(json.load(open(finished / "config.json")), config_lib.to_dict(
       config_lib.apply_overrides(cfg, safe + ["train.out_dir=/elsewhere", "optim.lr=1e-3"])))
   assert changes == {"optim.lr": (5e-05, 0.001)}
+  # A run folder written before the layout by stage names the default reward by its former module path.
+  old = json.load(open(finished / "config.json"))
+  old["algo"]["reward_fn"] = "jaxvg.rewards:default_reward"
+  assert folder.config_changes(old, config_lib.to_dict(cfg)) == {}
+  old["algo"]["reward_fn"] = "mypkg.scorer:reward"
+  assert list(folder.config_changes(old, config_lib.to_dict(cfg))) == ["algo.reward_fn"]
 
 
 def test_a_resumed_run_logs_each_step_once(finished, tmp_path, capsys):

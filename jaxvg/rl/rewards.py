@@ -186,11 +186,21 @@ def default_reward(completion, answer, *, fmt: PromptFormat, format_weight: floa
   return {"accuracy": accuracy, "format": fmt_ok, "overall": (1.0 - format_weight) * accuracy + format_weight * fmt_ok}
 
 
+# Reward modules of the package under their former paths (configs and run folders written before the layout by stage).
+MOVED_MODULES = {"jaxvg.rewards": "jaxvg.rl.rewards"}
+
+
+def canonical_spec(spec: str) -> str:
+  """`spec` with a former module path of the package replaced by today's."""
+  module_name, sep, fn_name = spec.partition(":")
+  return MOVED_MODULES.get(module_name.strip(), module_name.strip()) + sep + fn_name.strip() if sep else spec
+
+
 def load_reward_fn(spec: str) -> RewardFn:
   """The function named by "module.path:function", importing that module (and its parent packages) only."""
   if not isinstance(spec, str) or spec.count(":") != 1:
     raise ValueError(f"reward spec must look like 'module.path:function', got {spec!r}")
-  module_name, fn_name = (part.strip() for part in spec.split(":"))
+  module_name, fn_name = (part.strip() for part in canonical_spec(spec).split(":"))
   if not module_name or not fn_name.isidentifier():
     raise ValueError(f"reward spec must look like 'module.path:function', got {spec!r}")
   try:

@@ -15,6 +15,7 @@ import shutil
 import jax
 
 from jaxvg.core import config_lib
+from jaxvg.rl import rewards
 from jaxvg.run import experiment
 from jaxvg.run.validation import ConfigError
 
@@ -39,6 +40,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_changes(before: dict, after: dict) -> dict[str, tuple]:
   """{field: (before, after)} of the dotted fields both config dicts hold that differ, RESUMABLE ones left out."""
   b, a = _flat(before), _flat(json.loads(json.dumps(after)))  # as config.json holds it: tuples are lists
+  for flat in (a, b):  # a reward module named by its former path is the same reward
+    if isinstance(flat.get("algo.reward_fn"), str):
+      flat["algo.reward_fn"] = rewards.canonical_spec(flat["algo.reward_fn"])
   return {k: (b[k], v) for k, v in a.items() if k in b and b[k] != v and not k.startswith(RESUMABLE)}
 
 
