@@ -19,7 +19,7 @@ from jaxvg.credit import dependency
 from jaxvg.run import builders, sft
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-# Shortened from the demo (600 + 1500 steps) to keep the test at a few minutes on 2 cores.
+# Shortened from the demo (3,000 + 1,500 steps) to keep the test at a few minutes on 2 cores.
 NEW = ["sft.perception_steps=300", "sft.steps=400", "sft_optim.total_steps=400"]
 OLD = ["sft.perception_steps=0", "sft.steps=150", "sft_optim.total_steps=150", "sft_optim.freeze_vision=false"]
 
