@@ -6,7 +6,7 @@
 
 Prints ONE JSON line; progress goes to stderr. Nothing is loaded: the model is `QWEN25VL_3B` (the released
 config.json's shapes) with random weights, so the numbers are costs, not quality. Every stage is the library's own
-jitted function (`rollout.prefill` / `decode`, `update.score_fn`, `update.policy_step`, `credit.make_credit_fn`),
+jitted function (`rollout.prefill` / `decode`, `update.score_fn`, `update.policy_step`, `assign.make_credit_fn`),
 compiled once by a first call that is not timed.
 
   mfu                   model FLOPs of one actor update / its time / the device's peak dense bf16 FLOP/s (null for a

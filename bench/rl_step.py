@@ -3,7 +3,7 @@
   python bench/rl_step.py
 
 Prints one JSON line. A step here is what follows sampling in `jaxvg.train`: old-policy scoring, group advantages,
-the credit function (`credit.make_credit_fn`; nothing for DAPO), and one accumulated policy update (forward and
+the credit function (`assign.make_credit_fn`; nothing for DAPO), and one accumulated policy update (forward and
 backward). `pgpo_over_dapo` = PGPO step time / DAPO step time; `pacr_over_dapo` and `pdcr_over_dapo` likewise.
 Each method runs one step first (compilation), then 7 rounds (`common.round_robin`), each of one sampling and one
 step per method in an order rotated every round, so a change of machine load hits every method alike; each ratio
