@@ -302,8 +302,11 @@ def dependency_maps(policy: Policy, batch: batch_lib.Batch, tokens_NT, mask_NT, 
 
 
 def groundtruth_metrics(*, k3_M, kl_M, is_visual_M, is_reasoning_M, step_v_K, step_kl_K, step_len_K,
-                        step_is_perception_K) -> dict:
+                        step_is_perception_K, weight_M=None) -> dict:
   """Token AUROCs (visual words above reasoning-step words) and Otsu step-split accuracies, from flat arrays.
+
+  With `weight_M` (PGPO's token weights): `pgpo_visual_mass`, the share of the weight mass on visual words, beside
+  `visual_share`, their share of the tokens. PGPO does what its paper says when the first exceeds the second.
 
   Tokens that are neither visual nor reasoning count in `tokens` only. Steps are the labelled perception / reasoning
   steps (the answer segment excluded). Besides the two dependency step scores (V, the KL sum) the split is also run
@@ -326,6 +329,10 @@ def groundtruth_metrics(*, k3_M, kl_M, is_visual_M, is_reasoning_M, step_v_K, st
   by_length = groundtruth.step_split_accuracy(length, perception)[0]
   out["split_accuracy_length"] = max(by_length, 1.0 - by_length)
   out["majority_baseline"] = float(max(perception.mean(), 1.0 - perception.mean()))
+  out["visual_share"] = float(visual.mean()) if visual.size else float("nan")
+  if weight_M is not None:
+    weight = np.asarray(weight_M, np.float64)
+    out["pgpo_visual_mass"] = float(weight[visual].sum() / weight.sum()) if weight.sum() > 0 else float("nan")
   return out
 
 
@@ -340,7 +347,7 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
           for r in records]
   width = -(-(max(len(r.token_ids) for r in refs) + 1) // 32) * 32  # + EOS, one compiled width for every batch
   eos = tok.convert_tokens_to_ids("<|im_end|>")
-  acc = {k: [] for k in ("k3", "kl", "vis", "rea", "ans", "top1", "top1_cf", "v", "skl", "len", "per")}
+  acc = {k: [] for k in ("k3", "kl", "w", "vis", "rea", "ans", "top1", "top1_cf", "v", "skl", "len", "per")}
   for start in range(0, num, batch_size):
     part = refs[start:start + batch_size]
     arrays = groundtruth.reference_arrays(part, width=width, pad_id=int(tok.pad_token_id), eos_id=eos)
@@ -350,6 +357,7 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
     m = arrays["mask_NT"]
     acc["k3"].append(maps.k3_NT[m])
     acc["kl"].append(maps.kl_NT[m])
+    acc["w"].append(maps.weights_NT[m])
     acc["vis"].append(arrays["is_visual_NT"][m])
     acc["rea"].append(arrays["is_reasoning_NT"][m])
     acc["ans"].append(arrays["is_answer_NT"][m])
@@ -366,7 +374,7 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
   cat = lambda key: np.concatenate(acc[key])
   out = groundtruth_metrics(k3_M=cat("k3"), kl_M=cat("kl"), is_visual_M=cat("vis"), is_reasoning_M=cat("rea"),
                             step_v_K=acc["v"], step_kl_K=acc["skl"], step_len_K=acc["len"],
-                            step_is_perception_K=acc["per"])
+                            step_is_perception_K=acc["per"], weight_M=cat("w"))
   out["mean_kl"] = float(cat("kl").mean())
   kl, top1, top1_cf = cat("kl"), cat("top1"), cat("top1_cf")
   for name, key in (("visual", "vis"), ("reasoning", "rea"), ("answer", "ans")):

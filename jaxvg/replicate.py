@@ -1,7 +1,8 @@
 r"""Replication: every method x seed from one shared warm start and one rollout budget, compared on paired prompts.
 
   python -m jaxvg.replicate [--seeds 3] [--steps N] [--out runs/replicate] [--methods GRPO,DAPO,...] [--jobs K]
-                            [--pin] [--set key=value ...] [--eval-prompts 512] [--results <out>/results.md]
+                            [--pin] [--set key=value ...] [--eval-prompts 512] [--eval-every 5]
+                            [--dependency-records 64] [--results <out>/results.md]
 
 1. Each method's config gets its overrides, then `--set`, then the seed, steps and folder. A missing config file is
    an error, and so are rollout budgets (RL steps x rollouts per step) that differ between methods; the cap on new
@@ -15,18 +16,23 @@ r"""Replication: every method x seed from one shared warm start and one rollout 
    synthetic ground truth (`analysis.evaluate_groundtruth`), tokens/s, step time and rollouts complete its result. A
    finished run (same spec) is reused; a result without per-prompt scores (an older driver's) is run again, resuming
    from its checkpoints; an interrupted run resumes from its checkpoint.
+   Every run also evaluates every `--eval-every` RL steps (train.eval_every) and measures its dependency on
+   `--dependency-records` reference solutions at each evaluation (train.eval_dependency): its curves.
 4. `--results` (default <out>/results.md; `--results docs/results.md` publishes it) gets each method's accuracies, the
    mean over seeds and prompts with a 95 % bootstrap interval; each method against its baseline on the same seeds and
    prompts: the paired difference, its interval, a verdict and the minimum detectable difference (`jaxvg.run.stats`);
-   cost and analysis figures (mean ± sample standard deviation over seeds); the machine, date and wall time.
+   the papers' mechanisms as measured (`run_mechanisms`); the methods' mean curves, drawn into <page>_curves.png
+   beside the page; cost and analysis figures (mean ± sample standard deviation over seeds); the machine, date and
+   wall time.
 
-Runs are loaded for notebooks/training_curves.ipynb by `jaxvg.run.runlog`.
+Runs are loaded for notebooks/training_curves.ipynb by `jaxvg.run.runlog`, a replication by `load_results`.
 """
 
 import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import glob
 import hashlib
 import json
 import math
@@ -63,8 +69,8 @@ METHODS = (
     Method("PGPO-DAPO", "pgpo_demo.py", (), baseline="DAPO"),
     Method("PACR", "pacr_demo.py", (), baseline="GRPO"),
     Method("PDCR", "pdcr_demo.py", (), baseline="PACR"),
-    Method("OPSD", "opsd_demo.py", (), baseline="GRPO"),
-    Method("ViGOS", "vigos_demo.py", (), baseline="OPSD"),
+    Method("OPSD", "opsd_demo.py", ("distill.palr=true",), baseline="GRPO"),  # PALR: the mechanisms table
+    Method("ViGOS", "vigos_demo.py", ("distill.palr=true",), baseline="OPSD"),
     Method("OPD", "opd_demo.py", (), baseline="GRPO"),
     Method("VGS", "vgs_demo.py", (), baseline="OPD"),
     Method("GRPO+VGS", "grpo_vgs_demo.py", (), baseline="GRPO"),
@@ -75,6 +81,11 @@ FIELDS = ("tokens_per_s", "step_time", "rollouts", "dependency_auroc", "step_spl
 SPLITS = ("test", "prior_conflict", "white")
 COMPARED = {"test": "held-out", "prior_conflict": "prior-conflict"}  # the splits compared with the baseline
 TARGET_MDD = 0.05  # the minimum detectable difference the replication aims for
+# What each paper says its method does, measured on every run (`run_mechanisms`): the page's mechanisms table.
+MECHANISMS = ("pgpo_visual_mass", "visual_share", "step_split", "pdcr_visual_adv_std", "pdcr_textual_adv_std",
+              "pdcr_visual_frac", "vigos_valid", "palr", "vgs_eta", "vgs_lp_fraction")
+# The curves every run keeps (`run_curves`): the reward per RL step, and the evaluated figures by RL steps done.
+EVAL_CURVES = ("accuracy", "white_kl", "dependency_auroc")
 
 
 def select_methods(names: list[str] | None, *, config_dir: str = CONFIG_DIR) -> list[Method]:
@@ -107,8 +118,11 @@ def warm_start_key(cfg) -> str | None:
 
 
 def plan_runs(methods: list[Method], *, seeds: int, steps: int | None, common: list[str], out_dir: str,
-              eval_prompts: int = 512, config_dir: str = CONFIG_DIR) -> list[dict]:
-  """One spec (a JSON-able dict) per method x seed; raises when the rollout budgets differ."""
+              eval_prompts: int = 512, eval_every: int = 0, dependency_records: int = 0,
+              config_dir: str = CONFIG_DIR) -> list[dict]:
+  """One spec (a JSON-able dict) per method x seed; raises when the rollout budgets differ.
+
+  `eval_every` and `dependency_records` set train.eval_every and train.eval_dependency (the curves) unless 0."""
   from jaxvg.core import config_lib
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -119,7 +133,9 @@ def plan_runs(methods: list[Method], *, seeds: int, steps: int | None, common: l
   for m in methods:
     for seed in range(seeds):
       run_dir = os.path.join(out_dir, run_dir_name(m.name), f"seed{seed}")
-      overrides = [*m.overrides, *common, f"train.seed={seed}", *([f"train.steps={steps}"] if steps else []),
+      curves = [*([f"train.eval_every={eval_every}"] if eval_every else []),
+                *([f"train.eval_dependency={dependency_records}"] if dependency_records else [])]
+      overrides = [*m.overrides, *curves, *common, f"train.seed={seed}", *([f"train.steps={steps}"] if steps else []),
                    f"train.out_dir={run_dir}"]
       config = os.path.join(os.path.abspath(config_dir), m.config)
       cfg = config_lib.apply_overrides(config_lib.load_config(config), overrides)
@@ -214,6 +230,53 @@ def summarize_metrics(rows: list[dict], *, group_size: int) -> dict:
           "rollouts": float(sum(seen) * group_size) if len(seen) == len(steps) else float("nan")}
 
 
+def _rl_mean(table: dict, key: str) -> float:
+  """The mean of a metric over the RL steps where it is finite; nan when it was never logged."""
+  if key not in table:
+    return float("nan")
+  steps_S, values_S = table[key]
+  values_S = values_S[(steps_S >= 0) & np.isfinite(values_S)]
+  return float(values_S.mean()) if values_S.size else float("nan")
+
+
+def run_mechanisms(truth: dict, table: dict, *, credit: str, distill: str, eta: float) -> dict:
+  """MECHANISMS of one run, from its final policy's ground-truth analysis (`truth`) and its logged metrics (`table`).
+
+  pgpo_visual_mass / visual_share: PGPO's weight mass on the words that state an image fact against their share of the
+  tokens (reference solutions, the run's counterfactual). step_split: the Otsu split of the step score V into
+  perception and reasoning steps. pdcr_*: per RL step, the advantage spread within PDCR's visual and textual clusters
+  and the visual share of the steps. vigos_valid: the rollouts ViGOS judged valid (summed over steps); palr: the
+  privileged answer leakage rate. vgs_eta: VGS's step-size correction (its config); vgs_lp_fraction: the tokens its
+  language-prior term acted on. A cell a method does not have is nan.
+  """
+  valid = table.get("vigos/valid_rows", (np.zeros(0), np.zeros(0)))[1]
+  rows = table.get("vigos/rows", (np.zeros(0), np.zeros(0)))[1]
+  return {"pgpo_visual_mass": float(truth.get("pgpo_visual_mass", float("nan"))),
+          "visual_share": float(truth.get("visual_share", float("nan"))),
+          "step_split": float(truth.get("split_accuracy_v", float("nan"))),
+          "pdcr_visual_adv_std": _rl_mean(table, "pdcr/visual_adv_std"),
+          "pdcr_textual_adv_std": _rl_mean(table, "pdcr/textual_adv_std"),
+          "pdcr_visual_frac": _rl_mean(table, "pdcr/visual_frac"),
+          "vigos_valid": float(valid.sum() / rows.sum()) if rows.sum() > 0 else float("nan"),
+          "palr": _rl_mean(table, "palr"),
+          "vgs_eta": float(eta) if distill == "vgs" else float("nan"),
+          "vgs_lp_fraction": _rl_mean(table, "vgs/lp_fraction"),
+          "credit": credit, "distill": distill}
+
+
+def run_curves(table: dict) -> dict:
+  """{"reward": [[step, value], ...]} per RL step, and each of EVAL_CURVES as [[steps done, value], ...]."""
+  from jaxvg.run import runlog
+  out = {}
+  if "reward/overall" in table:
+    steps_S, values_S = table["reward/overall"]
+    out["reward"] = [[int(s), float(v)] for s, v in zip(steps_S, values_S) if s >= 0]
+  for name in EVAL_CURVES:
+    done_S, values_S = runlog.eval_curve(table, name)
+    out[name] = [[int(d), float(v)] for d, v in zip(done_S, values_S)]
+  return out
+
+
 def _device() -> str:
   import jax
   return f"{jax.default_backend()}: {jax.device_count()} x {jax.devices()[0].device_kind}"
@@ -237,7 +300,7 @@ def _warm_worker(spec: dict) -> dict:
 def _run_worker(spec: dict) -> dict:
   cfg = _resolve(spec)
   from jaxvg import analysis, train
-  from jaxvg.run import folder
+  from jaxvg.run import folder, runlog
   marker = os.path.join(spec["out_dir"], "sft", "done.json")
   if spec["warm_dir"] and not os.path.exists(marker):
     shutil.rmtree(os.path.join(spec["out_dir"], "sft"), ignore_errors=True)
@@ -258,15 +321,20 @@ def _run_worker(spec: dict) -> dict:
   scores = per_prompt(cfg, policy.graphdef, policy.params, policy.tokenizer, policy.model_cfg,
                       num=spec["eval_prompts"])
   # Against the synthetic generator's labels: visual words vs reasoning words, perception vs reasoning steps.
-  truth = (analysis.evaluate_groundtruth(policy, num=cfg.data.num_eval, batch_size=cfg.data.prompts_per_batch)
+  truth = (analysis.evaluate_groundtruth(policy, num=cfg.data.num_eval, batch_size=cfg.data.prompts_per_batch,
+                                         counterfactual=cfg.credit.counterfactual)
            if cfg.data.source == "synthetic" else {"auroc_k3": float("nan"), "split_accuracy_v": float("nan")})
   rows = [json.loads(line) for line in open(os.path.join(spec["out_dir"], "metrics.jsonl")) if line.strip()]
+  table = runlog.read_run(spec["out_dir"])
   # accuracy_before/after: train.run's own evaluation (data.num_eval prompts); the table uses the per-prompt scores.
   return {"spec": spec, "accuracy_before": out["accuracy_before"], "accuracy_after": out["accuracy_after"],
           "heldout_after": _mean(scores["test"]), "prior_conflict_after": _mean(scores["prior_conflict"]),
           "white_after": _mean(scores["white"]), "per_prompt": scores,
           **summarize_metrics(rows, group_size=cfg.rollout.group_size),
           "dependency_auroc": float(truth["auroc_k3"]), "step_split_accuracy": float(truth["split_accuracy_v"]),
+          "mechanisms": run_mechanisms(truth, table, credit=cfg.credit.method, distill=cfg.distill.method,
+                                       eta=cfg.distill.eta),
+          "curves": run_curves(table),
           "budget": {"steps": cfg.train.steps, "prompts_per_batch": cfg.data.prompts_per_batch,
                      "group_size": cfg.rollout.group_size, "max_new_tokens": cfg.rollout.max_new_tokens},
           "device": _device()}
@@ -381,14 +449,31 @@ def per_prompt_scores(results: list[dict], split: str) -> PerPrompt | None:
   return PerPrompt(tuple(r["spec"]["seed"] for r in rs), ids, np.asarray([e["scores"] for e in entries], np.float64))
 
 
+def mean_curves(results: list[dict]) -> dict[str, list[tuple[int, float]]]:
+  """Each curve of `run_curves` averaged over the results (seeds) at every x one of them logged."""
+  out = {}
+  for name in ("reward", *EVAL_CURVES):
+    points = {}
+    for r in results:
+      for x, v in r.get("curves", {}).get(name, []):
+        if math.isfinite(v):
+          points.setdefault(int(x), []).append(v)
+    if points:
+      out[name] = [(x, float(np.mean(points[x]))) for x in sorted(points)]
+  return out
+
+
 def aggregate(results: list[dict]) -> dict[str, dict]:
-  """method -> {"seeds": n, field: (mean, spread) for each of FIELDS, split: PerPrompt | None for each of SPLITS},
-  in the order the methods first appear."""
+  """method -> {"seeds": n, field: (mean, spread) for each of FIELDS, split: PerPrompt | None for each of SPLITS,
+  "mechanisms": {name: (mean, spread)} for each of MECHANISMS, "curves": `mean_curves`}, in the order the methods
+  first appear."""
   by_method = {}
   for r in results:
     by_method.setdefault(r["spec"]["method"], []).append(r)
   return {name: {"seeds": len(rs), **{f: mean_spread([r[f] for r in rs]) for f in FIELDS},
-                 **{split: per_prompt_scores(rs, split) for split in SPLITS}}
+                 **{split: per_prompt_scores(rs, split) for split in SPLITS},
+                 "mechanisms": {k: mean_spread([r.get("mechanisms", {}).get(k) for r in rs]) for k in MECHANISMS},
+                 "curves": mean_curves(rs)}
           for name, rs in by_method.items()}
 
 
@@ -473,13 +558,85 @@ def _diff_cells(c: Comparison) -> list[str]:
   return [f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", d.verdict, f"{c.mdd:.3f}"]
 
 
+def _dash(ms: tuple[float, float], digits: int) -> str:
+  return "-" if not math.isfinite(ms[0]) else _cell(ms, digits)
+
+
+def mechanism_rows(summary: dict[str, dict]) -> list[str]:
+  """The mechanisms table: what each paper says its method does, as measured (mean ± spread over seeds)."""
+  lines = ["| method | PGPO: weight share on visual words | visual words' token share | step split (V) | "
+           "PDCR adv. std, visual / textual steps | PDCR visual steps | ViGOS valid rollouts | PALR | VGS eta | "
+           "VGS LP tokens |", "|---" * 10 + "|"]
+  for name, row in summary.items():
+    m = row["mechanisms"]
+    pdcr = ("-" if not math.isfinite(m["pdcr_visual_adv_std"][0]) else
+            f"{_cell(m['pdcr_visual_adv_std'], 3)} / {_dash(m['pdcr_textual_adv_std'], 3)}")
+    cells = [_dash(m["pgpo_visual_mass"], 3), _dash(m["visual_share"], 3), _dash(m["step_split"], 3), pdcr,
+             _dash(m["pdcr_visual_frac"], 3), _dash(m["vigos_valid"], 3), _dash(m["palr"], 3),
+             _dash(m["vgs_eta"], 2), _dash(m["vgs_lp_fraction"], 3)]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def curves_figure(summary: dict[str, dict]):
+  """A matplotlib figure of the methods' mean curves (reward, held-out accuracy, white-image KL, dependency AUROC),
+  one color per method; None when no run logged a curve."""
+  if not any(row["curves"] for row in summary.values()):
+    return None
+  import matplotlib.pyplot as plt
+  from jaxvg.run import runlog
+  titles = {"reward": "reward per RL step (EMA 0.6)", "accuracy": "held-out accuracy (greedy)",
+            "white_kl": "white-image KL per token", "dependency_auroc": "dependency AUROC (visual vs reasoning words)"}
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+  for ax, (name, title) in zip(axes.ravel(), titles.items()):
+    for i, (method, row) in enumerate(summary.items()):
+      if name in row["curves"]:
+        x, y = np.asarray(row["curves"][name]).T
+        y = runlog.ema(y, 0.6) if name == "reward" else y
+        ax.plot(x, y, color=plt.cm.tab20(i % 20), marker=None if name == "reward" else "o", markersize=3,
+                label=method)
+    ax.set(title=title, xlabel="RL step" if name == "reward" else "RL steps done")
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0, 1].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels) or 1), fontsize=8)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  return fig
+
+
+def plot_curves(summary: dict[str, dict], path: str) -> bool:
+  """Writes `curves_figure` as a PNG at `path`; False (and no file) when no run logged a curve or matplotlib (an
+  optional dependency: the `notebooks` extra) is not installed."""
+  try:
+    import matplotlib
+  except ImportError:
+    print("matplotlib is not installed: the page has no curves figure (pip install matplotlib)", file=sys.stderr)
+    return False
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig = curves_figure(summary)
+  if fig is None:
+    return False
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def load_results(out_dir: str) -> list[dict]:
+  """The finished runs' results under a replication folder (`--out`), method by method, seed by seed: for notebooks
+  (`aggregate`, `curves_figure`, `mechanism_rows`)."""
+  paths = glob.glob(os.path.join(out_dir, "*", "seed*", "run_result.json"))
+  results = [json.load(open(p)) for p in paths]
+  return sorted(results, key=lambda r: (r["spec"]["method"], r["spec"]["seed"]))
+
+
 def _hms(seconds: float) -> str:
   h, rest = divmod(int(round(seconds)), 3600)
   return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def render_results(summary: dict[str, dict], *, methods: list[Method], warm: list[dict], budgets: dict[str, dict],
-                   command: str, machine: str, date: str, wall_s: float, jobs_s: float) -> str:
+                   command: str, machine: str, date: str, wall_s: float, jobs_s: float,
+                   curves_png: str | None = None) -> str:
   """The results page: accuracies, comparisons with the baselines and their power, cost, warm starts, methods."""
   baselines = {m.name: m.baseline for m in methods}
   budget = budgets[methods[0].name]
@@ -519,6 +676,22 @@ def render_results(summary: dict[str, dict], *, methods: list[Method], warm: lis
   for name, row in summary.items():
     cells = [_cell(row[f], d) for f, d in zip(FIELDS, (0, 2, 0, 3, 3))]
     lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+  lines += ["", "## Mechanisms", "",
+            "What each paper says its method does, measured on every run (mean ± sample standard deviation over "
+            "seeds; - where a method has no such part). PGPO's weight share is computed for every final policy, on "
+            "the reference solutions with the run's counterfactual: PGPO does what its paper says when the visual "
+            "words' share of the weight exceeds their share of the tokens. The step split scores PDCR's Otsu split "
+            "of V against the generator's perception / reasoning labels (chance: the majority class). The PDCR "
+            "columns, ViGOS's valid rollouts, PALR and VGS's language-prior tokens are means over the RL steps; VGS's "
+            "eta is its config's (measure it with `python -m jaxvg.calibrate`, which also gives the angle between "
+            "g_Vis and g_Lang).", ""]
+  lines += mechanism_rows(summary)
+  if curves_png:
+    lines += ["", "## Curves", "",
+              "Mean over seeds per method: the reward of every RL step, and held-out accuracy, the white-image KL "
+              "and the dependency AUROC (with a white image as the counterfactual, `train.eval_dependency`) before "
+              "RL, every `train.eval_every` steps and after the last.", "",
+              f"![curves]({os.path.basename(curves_png)})"]
   lines += ["", "## Warm starts", ""]
   for i, w in enumerate(warm):
     users = ", ".join(sorted(set(w["methods"])))
@@ -539,8 +712,9 @@ def render_results(summary: dict[str, dict], *, methods: list[Method], warm: lis
             "prompt noise more than once, so a verdict of better or worse is safe and an MDD may be up to 1.5 times "
             "too large (`jaxvg.run.stats`).",
             "- tokens/s and step time: medians over each run's RL steps after the first (the first step compiles).",
-            "- dependency AUROC: how well the final policy's token dependency (PGPO's k3 score, image vs masked image) "
-            "ranks the words of the reference solutions that state an image fact above the words of reasoning steps. "
+            "- dependency AUROC: how well the final policy's token dependency (PGPO's k3 score, under the run's own "
+            "counterfactual: the masked image by default, the white image for PDCR) ranks the words of the reference "
+            "solutions that state an image fact above the words of reasoning steps. "
             "step-split accuracy: the Otsu split of PDCR's step score V into perception and reasoning steps, scored "
             "against the generator's labels. Both come from `jaxvg.analysis.evaluate_groundtruth` on the held-out "
             "split."]
@@ -563,6 +737,10 @@ def main(argv=None):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
   parser.add_argument("--eval-prompts", type=int, default=512,
                       help="records of each held-out split scored per run (the same for every method and seed)")
+  parser.add_argument("--eval-every", type=int, default=5,
+                      help="train.eval_every of every run: held-out accuracy and the dependency curves (0: off)")
+  parser.add_argument("--dependency-records", type=int, default=64,
+                      help="train.eval_dependency of every run: records of the dependency curves (0: off)")
   parser.add_argument("--results", default=None, help="the results page (default <out>/results.md)")
   parser.add_argument("--configs", default=CONFIG_DIR, help="the folder holding the methods' config files")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -572,7 +750,8 @@ def main(argv=None):
   t0 = time.time()
   methods = select_methods(args.methods, config_dir=args.configs)
   runs = plan_runs(methods, seeds=args.seeds, steps=args.steps, common=args.set, out_dir=args.out,
-                   eval_prompts=args.eval_prompts, config_dir=args.configs)
+                   eval_prompts=args.eval_prompts, eval_every=args.eval_every,
+                   dependency_records=args.dependency_records, config_dir=args.configs)
   results_path = args.results or os.path.join(args.out, "results.md")
   # One persistent compilation cache for every process: each stage compiles once per shape, not once per run.
   env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.abspath(args.out), "jax_cache"),
@@ -584,12 +763,15 @@ def main(argv=None):
   for w in warm:
     w["methods"] = [r["spec"]["method"] for r in results if r["spec"]["warm_dir"] == w["spec"]["out_dir"]]
   command = shlex.join(["python", "-m", "jaxvg.replicate", *(sys.argv[1:] if argv is None else argv)])
-  text = render_results(aggregate(results), methods=methods, warm=warm, command=command,
+  summary = aggregate(results)
+  curves_png = os.path.splitext(results_path)[0] + "_curves.png"
+  os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+  text = render_results(summary, methods=methods, warm=warm, command=command,
+                        curves_png=curves_png if plot_curves(summary, curves_png) else None,
                         budgets={r["spec"]["method"]: r["budget"] for r in results},
                         machine=describe_machine([r["device"] for r in results]),
                         date=datetime.date.today().isoformat(), wall_s=time.time() - t0,
                         jobs_s=sum(r["wall_s"] for r in warm + results))
-  os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
   with open(results_path, "w") as f:
     f.write(text)
   print(f"wrote {results_path}")

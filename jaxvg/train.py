@@ -30,7 +30,7 @@ from jaxvg.data import pipeline
 from jaxvg.distill import teachers
 from jaxvg.rl import losses, optim, rewards, rollout, update
 from jaxvg.rl import config as rl_config
-from jaxvg.run import builders, checkpoint, experiment, folder, metrics, sft, step, validation
+from jaxvg.run import builders, checkpoint, experiment, folder, metrics, runlog, sft, step, validation
 from jaxvg.run import teachers as run_teachers
 
 log = logging.getLogger("jaxvg")
@@ -103,6 +103,7 @@ class Evaluator:
 
   def __post_init__(self):
     self._accuracy = metrics.announce_compiles(self._greedy_accuracy, "held-out evaluation")
+    self._tables = None  # the step tables of `dependency`, built on first use
 
   def _greedy_accuracy(self, state, data) -> float:
     p = self.parts
@@ -115,6 +116,22 @@ class Evaluator:
 
   def white(self, state) -> float | None:  # the same split with white images: what the policy gets without looking
     return None if self.white_data is None else self._accuracy(state, self.white_data)  # same shapes: no compile
+
+  def dependency(self, state) -> dict:
+    """runlog.DEPENDENCY_FIGURES on `train.eval_dependency` held-out records ({} when 0): how much the live policy's
+    reading of the reference solutions moves when the image turns white, against the generator's labels."""
+    num = self.cfg.train.eval_dependency
+    if not num:
+      return {}
+    from jaxvg import analysis
+    p = self.parts
+    if self._tables is None:
+      self._tables = jax.tree.map(jnp.asarray, assign.step_tables(p.tokenizer, p.model_cfg.text.vocab_size))
+    policy = analysis.Policy(tokenizer=p.tokenizer, graphdef=state.graphdef, params=state.params,
+                             model_cfg=p.model_cfg, fmt=p.fmt, config=self.cfg, tables=self._tables)
+    out = analysis.evaluate_groundtruth(policy, num=num, batch_size=self.cfg.data.prompts_per_batch,
+                                        counterfactual="white_image")
+    return {name: float(out[key]) for name, key in runlog.DEPENDENCY_FIGURES.items()}
 
   def benchmarks(self, state, at_step: int) -> dict:
     """The papers' benchmarks (train.eval_benchmarks): flat bench/... metrics; the reports go to out_dir/benchmarks."""
@@ -201,11 +218,12 @@ def resume_or_evaluate(cfg: experiment.Config, state, ckpt: checkpoint.Checkpoin
                                    "steps were moved aside); set train.overwrite=true to start over there") from None
     saved = ckpt.config(restored.step)
     info = {"accuracy_before": saved["accuracy_before"], "reward_curve": list(saved["reward_curve"]),
-            "white_accuracy_before": saved.get("white_accuracy_before")}
+            "white_accuracy_before": saved.get("white_accuracy_before"),
+            "dependency_before": saved.get("dependency_before", {})}
     log.info("resumed from step %d of %s", restored.step, ckpt.directory)
     return restored.state, restored.rng, restored.step + 1, info
   info = {"accuracy_before": evaluator.held_out(state), "reward_curve": [],
-          "white_accuracy_before": evaluator.white(state)}
+          "white_accuracy_before": evaluator.white(state), "dependency_before": evaluator.dependency(state)}
   return state, jax.random.key(cfg.train.seed), 0, info
 
 
@@ -234,7 +252,8 @@ def train_loop(parts: step.StepParts, state, key, start: int, data_iter, info: d
                                                    parts.group_size, cfg.train.samples_logged))
       progress.update(i + 1, f"reward {agg['reward/overall']:.3f} acc {agg.get('reward/accuracy', 0.0):.3f}")
       if cfg.train.eval_every and (i + 1) % cfg.train.eval_every == 0 and i + 1 < cfg.train.steps:
-        writer.write(i, {"eval/accuracy": evaluator.held_out(state), **evaluator.benchmarks(state, i + 1)})
+        writer.write(i, {"eval/accuracy": evaluator.held_out(state), **evaluator.benchmarks(state, i + 1),
+                         **{f"eval/{k}": v for k, v in evaluator.dependency(state).items()}})
       if skipped_in_a_row >= cfg.train.max_skipped_updates:
         ckpt.close()
         raise TrainingDiverged(
@@ -299,21 +318,31 @@ def run(cfg: experiment.Config, *, probe=None) -> dict:
   state = train_loop(parts, state, key, start, data_iter, info, ckpt=ckpt, writer=writer, evaluator=evaluator,
                      probe=probe)
 
-  acc_before, white_before = info["accuracy_before"], info["white_accuracy_before"]
-  acc_after, white_after = evaluator.held_out(state), evaluator.white(state)
-  summary = {"eval/accuracy_before": acc_before, "eval/accuracy_after": acc_after,
-             **evaluator.benchmarks(state, cfg.train.steps)}
-  if white_data is not None:
-    summary |= {"eval/white_accuracy_before": white_before, "eval/white_accuracy_after": white_after}
-  writer.write(cfg.train.steps, summary)
+  out = evaluate_after(cfg, state, info, evaluator)
+  writer.write(cfg.train.steps, out.pop("summary"))
   checkpoint.save_params(os.path.join(out_dir, "final"), state.graphdef, state.params)
   writer.close()
   white = lambda acc: "" if acc is None else f"   (white image: {acc:.4f})"
-  print(f"accuracy before: {acc_before:.4f}{white(white_before)}")
-  print(f"accuracy after: {acc_after:.4f}{white(white_after)}")
-  return {"accuracy_before": acc_before, "accuracy_after": acc_after, "white_accuracy_before": white_before,
-          "white_accuracy_after": white_after, "reward_curve": info["reward_curve"]}
+  print(f"accuracy before: {out['accuracy_before']:.4f}{white(out['white_accuracy_before'])}")
+  print(f"accuracy after: {out['accuracy_after']:.4f}{white(out['white_accuracy_after'])}")
+  return out
 
+
+def evaluate_after(cfg: experiment.Config, state, info: dict, evaluator: Evaluator) -> dict:
+  """The run's result: its evaluations before (from `info`) and after the last step, and under "summary" what
+  metrics.jsonl logs of them at the last step."""
+  out = {"accuracy_before": info["accuracy_before"], "accuracy_after": evaluator.held_out(state),
+         "white_accuracy_before": info["white_accuracy_before"], "white_accuracy_after": evaluator.white(state),
+         "reward_curve": info["reward_curve"], "dependency_before": info["dependency_before"],
+         "dependency_after": evaluator.dependency(state)}
+  summary = {"eval/accuracy_before": out["accuracy_before"], "eval/accuracy_after": out["accuracy_after"],
+             **evaluator.benchmarks(state, cfg.train.steps)}
+  if out["white_accuracy_after"] is not None:
+    summary |= {"eval/white_accuracy_before": out["white_accuracy_before"],
+                "eval/white_accuracy_after": out["white_accuracy_after"]}
+  for when in ("before", "after"):
+    summary |= {f"eval/{k}_{when}": v for k, v in out[f"dependency_{when}"].items()}
+  return {**out, "summary": summary}
 
 if __name__ == "__main__":
   main()

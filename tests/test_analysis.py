@@ -327,6 +327,23 @@ def test_groundtruth_metrics_by_hand():
   assert got["split_accuracy_v"] == 1.0 and got["split_accuracy_length"] == 1.0
   assert got["split_accuracy_kl"] == pytest.approx(0.4) and got["split_accuracy_kl_mean"] == pytest.approx(0.2)
   assert got["majority_baseline"] == pytest.approx(0.6)
+  assert got["visual_share"] == pytest.approx(0.4) and "pgpo_visual_mass" not in got
+
+
+def test_groundtruth_metrics_pgpo_mass_by_hand():
+  # PGPO weights [2, 0.5, 1, 1.5, 0] on tokens visual, reasoning, neither, visual, reasoning: the visual words hold
+  # (2 + 1.5) / 5 = 0.7 of the mass while being 2 / 5 = 0.4 of the tokens.
+  steps = dict(step_v_K=[1, 0], step_kl_K=[1, 0], step_len_K=[1, 1], step_is_perception_K=[1, 0])
+  got = analysis.groundtruth_metrics(k3_M=[0] * 5, kl_M=[0] * 5, is_visual_M=[1, 0, 0, 1, 0],
+                                     is_reasoning_M=[0, 1, 0, 0, 1], weight_M=[2, 0.5, 1, 1.5, 0], **steps)
+  assert got["pgpo_visual_mass"] == pytest.approx(0.7) and got["visual_share"] == pytest.approx(0.4)
+  # Uniform weights (no reweighting) put exactly the token share on the visual words.
+  flat = analysis.groundtruth_metrics(k3_M=[0] * 5, kl_M=[0] * 5, is_visual_M=[1, 0, 0, 1, 0],
+                                      is_reasoning_M=[0, 1, 0, 0, 1], weight_M=[1.0] * 5, **steps)
+  assert flat["pgpo_visual_mass"] == pytest.approx(flat["visual_share"])
+
+
+def test_groundtruth_metrics_length_either_way():
   # Lengths that give the steps away the other way round (perception short) score as well: 1.0, not 0.0.
   flipped = analysis.groundtruth_metrics(
       k3_M=[1.0], kl_M=[1.0], is_visual_M=[1], is_reasoning_M=[0], step_v_K=[1, 1, 0, 0, 0], step_kl_K=[1, 1, 0, 0, 0],
@@ -431,7 +448,8 @@ def test_cli_prints_one_json_line_on_a_tiny_run(run_dir, policy, capsys):
     n_steps, n_per = n_steps + len(labels), n_per + labels.count("perception")
   assert (out["records"], out["tokens"], out["visual_tokens"]) == (2, n_tok, n_vis)
   assert (out["steps"], out["perception_steps"]) == (n_steps, n_per)
-  for key in ("auroc_k3", "auroc_kl", "split_accuracy_v", "split_accuracy_kl", "majority_baseline"):
+  for key in ("auroc_k3", "auroc_kl", "split_accuracy_v", "split_accuracy_kl", "majority_baseline", "visual_share",
+              "pgpo_visual_mass"):
     assert 0.0 <= out[key] <= 1.0, key
   assert out["mean_kl"] > 0 and out["params"] == "final"
   sft = analysis.main(["--run", str(run_dir), "--params", "sft", "--num", "2", "--batch-size", "2"])

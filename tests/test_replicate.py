@@ -242,6 +242,65 @@ def test_render_results_table():
   assert "| DAPO | configs/demo.py |  | 4 x 16 | 128 |" in lines
 
 
+def _table(**series):
+  """A read_run table by hand: key (with / as __) -> {step: value}."""
+  return {k.replace("__", "/"): (np.asarray(list(v), np.int64), np.asarray(list(v.values()), np.float64))
+          for k, v in series.items()}
+
+
+def test_run_mechanisms_by_hand():
+  table = _table(pdcr__visual_adv_std={-3: 9.0, 0: 0.5, 1: 0.7}, pdcr__textual_adv_std={0: 0.2, 1: float("nan")},
+                 pdcr__visual_frac={0: 0.25, 1: 0.75}, vigos__valid_rows={0: 3.0, 1: 5.0}, vigos__rows={0: 8.0, 1: 8.0},
+                 palr={0: 0.1, 1: 0.3})
+  truth = {"pgpo_visual_mass": 0.6, "visual_share": 0.3, "split_accuracy_v": 0.9}
+  m = replicate.run_mechanisms(truth, table, credit="pdcr", distill="vigos", eta=0.33)
+  # RL steps only (the warm start's step -3 is not one), non-finite values skipped; ViGOS: (3 + 5) / (8 + 8).
+  assert m["pdcr_visual_adv_std"] == pytest.approx(0.6) and m["pdcr_textual_adv_std"] == pytest.approx(0.2)
+  assert m["pdcr_visual_frac"] == pytest.approx(0.5) and m["vigos_valid"] == pytest.approx(0.5)
+  assert m["palr"] == pytest.approx(0.2) and (m["pgpo_visual_mass"], m["visual_share"], m["step_split"]) == (0.6, 0.3,
+                                                                                                               0.9)
+  assert math.isnan(m["vgs_eta"]) and math.isnan(m["vgs_lp_fraction"])  # not a VGS run
+  vgs = replicate.run_mechanisms({}, _table(vgs__lp_fraction={0: 0.3, 1: 0.1}), credit="none", distill="vgs",
+                                 eta=0.33)
+  assert vgs["vgs_eta"] == 0.33 and vgs["vgs_lp_fraction"] == pytest.approx(0.2)
+  assert all(math.isnan(vgs[k]) for k in ("pgpo_visual_mass", "step_split", "vigos_valid", "palr"))
+
+
+def test_run_curves_and_their_mean_over_seeds():
+  table = _table(reward__overall={-1: 5.0, 0: 0.25, 1: 0.5}, eval__accuracy_before={2: 0.4}, eval__accuracy={0: 0.5},
+                 eval__accuracy_after={2: 0.6}, eval__white_kl_after={2: 1.5})
+  curves = replicate.run_curves(table)
+  assert curves["reward"] == [[0, 0.25], [1, 0.5]]
+  assert curves["accuracy"] == [[0, 0.4], [1, 0.5], [2, 0.6]]
+  assert curves["white_kl"] == [[2, 1.5]] and curves["dependency_auroc"] == []
+  other = {"reward": [[0, 0.75], [1, float("nan")]], "accuracy": [[0, 0.4], [2, 0.8]]}
+  mean = replicate.mean_curves([{"curves": curves}, {"curves": other}])
+  # Every x either seed logged; a non-finite value does not count.
+  assert mean["reward"] == [(0, 0.5), (1, 0.5)]
+  assert mean["accuracy"] == [(0, 0.4), (1, 0.5), (2, pytest.approx(0.7))]
+  assert "dependency_auroc" not in mean
+
+
+def test_mechanism_table_and_curves_figure(tmp_path):
+  nan = float("nan")
+  base = dict.fromkeys(replicate.MECHANISMS, nan)
+  results = [_result("PGPO-DAPO", s, [1, 0, 1, 0], mechanisms={**base, "pgpo_visual_mass": v, "visual_share": 0.2},
+                     curves={"reward": [[0, 0.1], [1, 0.2]], "accuracy": [[0, 0.4], [2, 0.5]]})
+             for s, v in ((0, 0.5), (1, 0.7))]
+  results.append(_result("PDCR", 0, [1, 1, 0, 0], mechanisms={**base, "step_split": 0.9, "pdcr_visual_adv_std": 0.4,
+                                                               "pdcr_textual_adv_std": 0.2, "pdcr_visual_frac": 0.3}))
+  summary = replicate.aggregate(results)
+  rows = replicate.mechanism_rows(summary)
+  # PGPO: mean 0.6, sample SD of (0.5, 0.7) = 0.141.
+  assert rows[2] == "| PGPO-DAPO | 0.600 ± 0.141 | 0.200 ± 0.000 | - | - | - | - | - | - | - |"
+  assert rows[3] == "| PDCR | - | - | 0.900 ± 0.000 | 0.400 ± 0.000 / 0.200 ± 0.000 | 0.300 ± 0.000 | - | - | - | - |"
+  assert all(row.count("|") == 11 for row in rows)
+  png = tmp_path / "curves.png"
+  assert replicate.plot_curves(summary, str(png)) and png.read_bytes()[:4] == b"\x89PNG"
+  bare = replicate.aggregate([_result("GRPO", 0, [1, 0, 1, 0])])
+  assert not replicate.plot_curves(bare, str(tmp_path / "none.png")) and not (tmp_path / "none.png").exists()
+
+
 def test_summarize_metrics_by_hand():
   rows = [{"step": -1, "sft/sft_loss": 1.0},
           {"step": 0, "time/step": 30.0, "tokens_per_s": 10.0, "dynamic_sampling/groups_seen": 4.0},
@@ -277,6 +336,19 @@ def test_read_run_last_value_wins_and_a_cut_line_is_skipped(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 0, "a": 1}\nnot json\n{"step": 1, "a": 2}\n')
   with pytest.raises(ValueError, match="line 2 is not JSON"):
     runlog.read_run(str(tmp_path))
+
+
+def test_eval_curve_orders_before_periodic_and_after_by_steps_done(tmp_path):
+  # A 6-step run evaluated every 2 steps: periodic rows at steps 1 and 3 (2 and 4 done), the summary at step 6.
+  lines = [{"step": 1, "eval/accuracy": 0.4, "eval/white_kl": 1.5}, {"step": 3, "eval/accuracy": 0.45},
+           {"step": 6, "eval/accuracy_before": 0.3, "eval/accuracy_after": 0.5, "eval/white_kl_after": 2.0}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+  table = runlog.read_run(str(tmp_path))
+  done, values = runlog.eval_curve(table, "accuracy")
+  assert done.tolist() == [0, 2, 4, 6] and values.tolist() == [0.3, 0.4, 0.45, 0.5]
+  done, values = runlog.eval_curve(table, "white_kl")  # no figure before RL (a run resumed from an older one)
+  assert done.tolist() == [2, 6] and values.tolist() == [1.5, 2.0]
+  assert runlog.eval_curve(table, "step_split")[0].size == 0
 
 
 def test_non_finite_metrics_are_written_as_null_and_read_back_as_nan(tmp_path):
@@ -337,7 +409,8 @@ def test_ema_by_hand_and_against_a_loop():
 def test_driver_end_to_end_two_methods_one_seed(tmp_path):
   out, results_md = tmp_path / "rep", tmp_path / "rep" / "results.md"  # the default page: <out>/results.md
   results = replicate.main(["--methods", "GRPO,DAPO", "--seeds", "1", "--steps", "2", "--out", str(out),
-                            "--eval-prompts", "2", "--jobs", "2", *MINI])
+                            "--eval-prompts", "2", "--jobs", "2", "--eval-every", "1", "--dependency-records", "2",
+                            *MINI])
   assert [r["spec"]["method"] for r in results] == ["GRPO", "DAPO"]
   (warm_dir,) = {r["spec"]["warm_dir"] for r in results}
   assert os.listdir(os.path.join(warm_dir, "sft"))  # trained once, here
@@ -371,17 +444,33 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
     assert 0.0 <= r["dependency_auroc"] <= 1.0 and 0.0 <= r["step_split_accuracy"] <= 1.0
     assert r["budget"] == {"steps": 2, "prompts_per_batch": 2, "group_size": 2, "max_new_tokens": 8}
     assert os.path.isdir(os.path.join(run_dir, "final"))
+    # The curves: the reward of both RL steps, and the evaluations before RL, after step 0 and after the last, the
+    # accuracy's last point being train.run's own.
+    curves, table = r["curves"], runlog.read_run(run_dir)
+    assert curves["reward"] == [[0, table["reward/overall"][1][0]], [1, table["reward/overall"][1][1]]]
+    for name in replicate.EVAL_CURVES:
+      assert [x for x, _ in curves[name]] == [0, 1, 2], name
+    assert curves["accuracy"][0][1] == r["accuracy_before"] and curves["accuracy"][-1][1] == r["accuracy_after"]
+    m = r["mechanisms"]
+    assert set(replicate.MECHANISMS) <= set(m) and m["credit"] == "none" and m["distill"] == "none"
+    assert 0.0 <= m["pgpo_visual_mass"] <= 1.0 and 0.0 < m["visual_share"] < 1.0
+    assert m["step_split"] == r["step_split_accuracy"] and math.isnan(m["pdcr_visual_frac"])
   grpo, dapo = results
   assert grpo["rollouts"] == 2 * 2 * 2  # no dynamic sampling: 2 steps x 2 prompts x 2 samples
   assert dapo["rollouts"] >= grpo["rollouts"]
   text = results_md.read_text()
   assert "| GRPO | 1 |" in text and "| DAPO | GRPO | 1 |" in text and "## Warm starts" in text
   assert "used by DAPO, GRPO" in text and "on 2 prompts per split" in text
+  assert "## Mechanisms" in text and "![curves](results_curves.png)" in text
+  assert (out / "results_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A second call reuses the finished runs (same specs): nothing is trained again. --results names another page.
   stamp = os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns
   again = replicate.main(["--methods", "GRPO,DAPO", "--seeds", "1", "--steps", "2", "--out", str(out),
-                          "--eval-prompts", "2", "--results", str(tmp_path / "page.md"), *MINI])
-  assert (tmp_path / "page.md").read_text().splitlines()[4:] == text.splitlines()[4:]  # all but command and time
+                          "--eval-prompts", "2", "--eval-every", "1", "--dependency-records", "2",
+                          "--results", str(tmp_path / "page.md"), *MINI])
+  # All but command and time, and the figure named after the page.
+  assert (tmp_path / "page.md").read_text().replace("page_curves", "results_curves").splitlines()[4:] == \
+      text.splitlines()[4:]
   assert [(a["spec"], a["accuracy_after"], a["tokens_per_s"]) for a in again] == \
       [(r["spec"], r["accuracy_after"], r["tokens_per_s"]) for r in results]
   assert os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns == stamp

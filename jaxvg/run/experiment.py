@@ -59,6 +59,11 @@ class TrainCfg:
   eval_every: int = 0               # 0: evaluate only before and after
   eval_greedy: bool = True
   eval_white_image: bool = False    # also evaluate with every image white (the control of the accuracy)
+  # Held-out synthetic records (0: none) on whose reference solutions every evaluation also measures the visual
+  # dependency against the generator's labels, with a white image as the counterfactual: eval/white_kl (mean KL per
+  # token), eval/white_kl_visual (on visual words), eval/dependency_auroc (KL, visual vs reasoning words) and
+  # eval/step_split (Otsu split of the steps' mean KL): the dependency curves of a run.
+  eval_dependency: int = 0
   # The papers' benchmarks (jaxvg.benchmarks, docs/benchmarks_eval.md), read from eval_benchmark_dir: evaluated
   # greedily at every eval_every step and after the last, into metrics.jsonl / TensorBoard as bench/<name>/...,
   # with out_dir/benchmarks/ holding each evaluation's summary and predictions. The run's data section sets their

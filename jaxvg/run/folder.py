@@ -23,9 +23,9 @@ log = logging.getLogger("jaxvg")
 
 # Fields a resumed run may change: none of them changes what the steps already taken computed (the checkpoint
 # restores onto any mesh). A prefix ending in "." covers a section.
-RESUMABLE = ("train.steps", "train.eval_every", "train.samples_logged", "train.keep_checkpoints", "train.save_every",
-             "train.resume", "train.overwrite", "train.out_dir", "train.log_every", "train.max_skipped_updates",
-             "mesh.", "train.eval_benchmark")
+RESUMABLE = ("train.steps", "train.eval_every", "train.eval_dependency", "train.samples_logged",
+             "train.keep_checkpoints", "train.save_every", "train.resume", "train.overwrite", "train.out_dir",
+             "train.log_every", "train.max_skipped_updates", "mesh.", "train.eval_benchmark")
 # What train.overwrite deletes; the warm starts (sft/, teacher/) stay, reused while their signatures match.
 RUN_FILES = ("checkpoints", "final", "tensorboard", "metrics.jsonl", "samples.jsonl", "config.json")
 

@@ -1,9 +1,10 @@
 """A finished or running run's logged scalars, for notebooks: metrics.jsonl or the TensorBoard event files as
-key -> (steps_S, values_S), and TensorBoard's debiased moving average.
+key -> (steps_S, values_S), TensorBoard's debiased moving average, and the curves of the evaluations.
 
   tables = runlog.read_run("runs/demo")                    # metrics.jsonl
   steps_S, values_S = tables["reward/overall"]
   smooth_S = runlog.ema(values_S, 0.6)
+  done_S, accuracy_S = runlog.eval_curve(tables, "accuracy")  # before RL, every train.eval_every steps, after
 """
 
 import glob
@@ -13,6 +14,11 @@ import os
 import struct
 
 import numpy as np
+
+# train.eval_dependency's figures, logged as eval/<name>: <- the key of analysis.evaluate_groundtruth, run with a
+# white image as the counterfactual on the reference solutions of held-out synthetic records.
+DEPENDENCY_FIGURES = {"white_kl": "mean_kl", "white_kl_visual": "mean_kl_visual", "dependency_auroc": "auroc_kl",
+                      "step_split": "split_accuracy_kl_mean"}
 
 
 def _columns(table: dict[str, dict[int, float]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -91,3 +97,21 @@ def ema(values_S, weight: float) -> np.ndarray:
     m, n = weight * m + (1.0 - weight) * x, n + 1
     out_S[i] = m / (1.0 - weight**n)
   return out_S
+
+
+def eval_curve(table: dict[str, tuple[np.ndarray, np.ndarray]], name: str) -> tuple[np.ndarray, np.ndarray]:
+  """A figure evaluated during training, by RL steps done: (done_S int64, values_S float64).
+
+  From `read_run`'s table: eval/<name>_before at 0 steps done, the periodic eval/<name> logged at step i (after it:
+  i + 1 done) and eval/<name>_after, logged at the step count train.steps. Empty arrays when none was logged.
+  """
+  points = {}
+  if f"eval/{name}_before" in table:
+    points[0] = table[f"eval/{name}_before"][1][-1]
+  if f"eval/{name}" in table:
+    points.update(zip((table[f"eval/{name}"][0] + 1).tolist(), table[f"eval/{name}"][1].tolist()))
+  if f"eval/{name}_after" in table:
+    steps_S, values_S = table[f"eval/{name}_after"]
+    points[int(steps_S[-1])] = values_S[-1]
+  done = sorted(points)
+  return np.asarray(done, np.int64), np.asarray([points[d] for d in done], np.float64)

@@ -126,6 +126,10 @@ def validate(cfg: experiment.Config) -> None:
   for name in ("log_every", "save_every", "keep_checkpoints", "max_skipped_updates"):
     _at_least(f"train.{name}", getattr(t, name), 1)
   _at_least("train.eval_every", t.eval_every, 0)
+  _at_least("train.eval_dependency", t.eval_dependency, 0)
+  if t.eval_dependency and d.source != "synthetic":
+    raise ConfigError(f"train.eval_dependency={t.eval_dependency}: the dependency figures need the synthetic data's "
+                      f"word and step labels, and data.source={d.source!r}")
   _at_least("train.samples_logged", t.samples_logged, 0)
   _at_least("train.eval_benchmark_limit", t.eval_benchmark_limit, 0)
   if t.eval_benchmarks:
