@@ -38,11 +38,11 @@ import json
 import math
 import os
 import platform
-import queue
 import re
 import shlex
 import shutil
 import subprocess
+import threading
 import sys
 import time
 
@@ -381,44 +381,85 @@ def split_cpus(cpus: list[int], jobs: int) -> list[list[int]]:
 
 
 def execute(specs: list[dict], *, jobs: int, pin: bool, env: dict) -> list[dict]:
-  """Runs every job not already done, `jobs` processes at a time; returns the results in the order of `specs`."""
+  """Runs every job not already done, `jobs` processes at a time, and returns the results in the order of `specs`.
+
+  A run job whose warm start is among the `specs` (a warm job listed before it) waits for that job alone, so runs from
+  a finished warm start proceed while another warm start still trains. A free slot goes to the first job, in the order
+  of `specs`, that is ready for one; after a failure no further job starts, and the first failure is raised once the
+  running ones end.
+  """
   if jobs < 1:
     raise ValueError(f"--jobs must be >= 1, got {jobs}")
   cpu_sets = split_cpus(sorted(os.sched_getaffinity(0)), jobs) if pin else [None] * jobs
-  slots = queue.Queue()
-  for slot in range(len(cpu_sets)):
-    slots.put(slot)
+  free, changed, failed = list(range(len(cpu_sets))), threading.Condition(), threading.Event()
+  pending, warms = set(range(len(specs))), {}  # jobs not started nor ended; a run's warm-start future
 
-  def launch(spec):
-    if (done := _done(spec)) is not None:
-      return done
-    os.makedirs(spec["out_dir"], exist_ok=True)
-    spec_path, log_path = os.path.join(spec["out_dir"], "spec.json"), os.path.join(spec["out_dir"], "log.txt")
-    slot = slots.get()
-    name = f"{spec['kind']} job of {spec['method']}" + (f" seed {spec['seed']}" if spec["kind"] == "run" else "")
-    print(f"{time.strftime('%H:%M:%S')} started the {name} (log: {log_path})", flush=True)
+  def notify(*_):
+    with changed:
+      changed.notify_all()
+
+  def take_slot(i: int) -> int:  # a free slot, once every job before i whose warm start is done has started
+    first = lambda: min((j for j in pending if j not in warms or warms[j].done()), default=None)
+    with changed:
+      changed.wait_for(lambda: free and first() == i)
+      pending.discard(i)
+      return free.pop(0)
+
+  def give_back(slot: int):
+    with changed:
+      free.append(slot)
+      changed.notify_all()
+
+  def leave(i: int):
+    with changed:
+      pending.discard(i)
+      changed.notify_all()
+
+  def launch(i, spec):
     try:
+      if i in warms:
+        warms[i].result()  # its warm start first (a failed one raises here)
+      if (done := _done(spec)) is not None:
+        return done
+      os.makedirs(spec["out_dir"], exist_ok=True)
+      spec_path, log_path = os.path.join(spec["out_dir"], "spec.json"), os.path.join(spec["out_dir"], "log.txt")
+      slot = take_slot(i)
+    except BaseException:
+      leave(i)
+      raise
+    name = f"{spec['kind']} job of {spec['method']}" + (f" seed {spec['seed']}" if spec["kind"] == "run" else "")
+    try:
+      if failed.is_set():
+        raise RuntimeError(f"the {name} did not start: another job failed")
+      print(f"{time.strftime('%H:%M:%S')} started the {name} (log: {log_path})", flush=True)
       with open(spec_path, "w") as f:
         json.dump({**spec, "cpus": cpu_sets[slot]}, f, indent=2)
       with open(log_path, "a") as log:
         rc = subprocess.run([sys.executable, "-m", "jaxvg.replicate", "--worker", spec_path], stdout=log,
                             stderr=subprocess.STDOUT, env=env).returncode
+      if rc != 0:
+        failed.set()
+        tail = "".join(open(log_path).readlines()[-15:])
+        raise RuntimeError(f"the {name} failed with exit code {rc}; log: {log_path}\n{tail}")
     finally:
-      slots.put(slot)
-    if rc != 0:
-      tail = "".join(open(log_path).readlines()[-15:])
-      raise RuntimeError(f"the {name} failed with exit code {rc}; log: {log_path}\n{tail}")
+      give_back(slot)
     print(f"{time.strftime('%H:%M:%S')} finished the {name}", flush=True)
     return _done(spec)
 
-  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-    futures = [pool.submit(launch, s) for s in specs]
-    try:
-      return [f.result() for f in futures]
-    except BaseException:
-      for f in futures:
-        f.cancel()
-      raise
+  with concurrent.futures.ThreadPoolExecutor(max(len(specs), 1)) as pool:
+    warm_jobs, futures = {}, []
+    for i, spec in enumerate(specs):  # every thread waits on its warm start or on a slot: one per job
+      if spec["kind"] == "run" and spec["warm_dir"] in warm_jobs:
+        warms[i] = warm_jobs[spec["warm_dir"]]
+      futures.append(pool.submit(launch, i, spec))
+      if spec["kind"] == "warm":
+        warm_jobs[spec["out_dir"]] = futures[-1]
+        futures[-1].add_done_callback(notify)
+    concurrent.futures.wait(futures)
+  errors = [f.exception() for f in futures if f.exception() is not None]
+  if errors:  # the first failure itself, not a job that only did not start after it
+    raise next((e for e in errors if "did not start" not in str(e)), errors[0])
+  return [f.result() for f in futures]
 
 
 def mean_spread(values) -> tuple[float, float]:
@@ -757,9 +798,11 @@ def main(argv=None):
   env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.abspath(args.out), "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
          **os.environ}
-  warm = execute(warm_start_specs(runs), jobs=args.jobs, pin=args.pin, env=env)
-  # Seed by seed, so that an interrupted invocation leaves every method with the same number of finished seeds.
-  results = execute(sorted(runs, key=lambda r: r["seed"]), jobs=args.jobs, pin=args.pin, env=env)
+  warm_specs = warm_start_specs(runs)
+  # Warm starts first, then the runs seed by seed, so that an interrupted invocation leaves every method with the
+  # same number of finished seeds (a run waits only for its own warm start).
+  done = execute(warm_specs + sorted(runs, key=lambda r: r["seed"]), jobs=args.jobs, pin=args.pin, env=env)
+  warm, results = done[:len(warm_specs)], done[len(warm_specs):]
   for w in warm:
     w["methods"] = [r["spec"]["method"] for r in results if r["spec"]["warm_dir"] == w["spec"]["out_dir"]]
   command = shlex.join(["python", "-m", "jaxvg.replicate", *(sys.argv[1:] if argv is None else argv)])

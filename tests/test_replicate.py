@@ -5,6 +5,9 @@ import math
 import os
 import shutil
 import struct
+import threading
+import time
+import types
 
 import numpy as np
 import pytest
@@ -474,6 +477,65 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
   assert [(a["spec"], a["accuracy_after"], a["tokens_per_s"]) for a in again] == \
       [(r["spec"], r["accuracy_after"], r["tokens_per_s"]) for r in results]
   assert os.stat(os.path.join(grpo["spec"]["out_dir"], "run_result.json")).st_mtime_ns == stamp
+
+
+def _fake_jobs(monkeypatch, events, *, seconds, failing=()):
+  """replicate's subprocess.run replaced by a job that sleeps, logs its start and end, and writes its result."""
+  lock = threading.Lock()
+
+  def run(argv, **kw):
+    spec = {k: v for k, v in json.load(open(argv[-1])).items() if k != "cpus"}
+    with lock:
+      events.append(("start", spec["method"]))
+    time.sleep(seconds[spec["method"]])
+    with lock:
+      events.append(("end", spec["method"]))
+    if spec["method"] in failing:
+      return types.SimpleNamespace(returncode=1)
+    with open(replicate.result_path(spec), "w") as f:
+      json.dump({"spec": spec, "per_prompt": {}}, f)
+    return types.SimpleNamespace(returncode=0)
+
+  monkeypatch.setattr(replicate.subprocess, "run", run)
+
+
+def _job(tmp_path, kind, method, warm_dir=None):
+  out = tmp_path / method
+  return {"kind": kind, "method": method, "seed": None if kind == "warm" else 0, "out_dir": str(out),
+          "warm_dir": warm_dir}
+
+
+def test_runs_wait_only_for_their_own_warm_start(tmp_path, monkeypatch):
+  slow, fast = _job(tmp_path, "warm", "slow-warm"), _job(tmp_path, "warm", "fast-warm")
+  specs = [slow, fast, _job(tmp_path, "run", "A", slow["out_dir"]), _job(tmp_path, "run", "B", fast["out_dir"])]
+  events = []
+  _fake_jobs(monkeypatch, events, seconds={"slow-warm": 1.0, "fast-warm": 0.1, "A": 0.1, "B": 0.1})
+  results = replicate.execute(specs, jobs=2, pin=False, env={})
+  assert [r["spec"]["method"] for r in results] == ["slow-warm", "fast-warm", "A", "B"]
+  order = events.index
+  # B ran in the slot the fast warm start freed, while the slow one still trained; A waited for the slow one.
+  assert order(("start", "B")) < order(("end", "slow-warm")) < order(("start", "A"))
+  assert len(events) == 8
+  # One slot and six runs of one warm start, ready at once: they start in the order listed.
+  warm = _job(tmp_path, "warm", "w")
+  names = [f"r{k}" for k in range(6)]
+  events.clear()
+  _fake_jobs(monkeypatch, events, seconds={"w": 0.2, **dict.fromkeys(names, 0.01)})
+  replicate.execute([warm] + [_job(tmp_path, "run", n, warm["out_dir"]) for n in names], jobs=1, pin=False, env={})
+  assert [m for kind, m in events if kind == "start"] == ["w", *names]
+
+
+def test_a_failed_warm_start_stops_its_runs_and_no_job_starts_after_it(tmp_path, monkeypatch):
+  bad, good = _job(tmp_path, "warm", "bad-warm"), _job(tmp_path, "warm", "good-warm")
+  specs = [bad, good, _job(tmp_path, "run", "A", bad["out_dir"]), _job(tmp_path, "run", "B", good["out_dir"]),
+           _job(tmp_path, "run", "C", good["out_dir"])]
+  events = []
+  _fake_jobs(monkeypatch, events, seconds={"bad-warm": 0.3, "good-warm": 0.5, "A": 0.1, "B": 0.1, "C": 0.1},
+             failing=("bad-warm",))
+  with pytest.raises(RuntimeError, match="the warm job of bad-warm failed with exit code 1"):
+    replicate.execute(specs, jobs=1, pin=False, env={})
+  # One slot: the bad warm start ran first and failed; nothing started after it.
+  assert events == [("start", "bad-warm"), ("end", "bad-warm")]
 
 
 def test_a_failed_job_is_an_error_naming_it_and_its_log(tmp_path):
