@@ -711,6 +711,10 @@ def render_results(summary: dict[str, dict], *, methods: list[Method], warm: lis
                  + " | ".join(cell for c in row for cell in _diff_cells(c)) + " |")
   lines += ["", "Minimum detectable difference achieved:", ""]
   lines += [f"- {power_sentence(by_split[split], label.capitalize())}" for split, label in COMPARED.items()]
+  if any(c.seeds == 1 for cs in by_split.values() for c in cs):
+    lines += ["", "**One seed.** A comparison on one seed resamples prompts only: its interval, verdict and MDD leave "
+              "out how much a run's accuracy moves with its training seed, so its verdicts are provisional until "
+              "more seeds run (`--seeds`; finished runs are reused)."]
   lines += ["", "## Cost and analysis", "", "Mean ± sample standard deviation over seeds.", "",
             "| method | seeds | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |",
             "|---" * 7 + "|"]

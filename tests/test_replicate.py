@@ -236,6 +236,13 @@ def test_render_results_table():
   assert any(line.startswith("- Held-out: the largest minimum detectable difference over the 1 comparison(s) is "
                              "0.000 (DAPO against GRPO), <= 0.05") for line in lines)
   assert any(line.startswith("- Prior-conflict: the largest minimum detectable difference") for line in lines)
+  assert not any(line.startswith("**One seed.**") for line in lines)  # DAPO and GRPO paired on two seeds
+  one = replicate.render_results(
+      replicate.aggregate(results[:1] + results[2:3]), methods=methods[:2], warm=warm, budgets={"GRPO": budget,
+                                                                                                "DAPO": budget},
+      command="c", machine="m", date="d", wall_s=1.0, jobs_s=1.0)
+  assert any(line.startswith("**One seed.** A comparison on one seed resamples prompts only") for line in
+             one.splitlines())
   assert "| GRPO | 2 | 1000 ± 1 | 2.00 ± 0.00 | n/a | n/a | n/a |" in lines
   # The warm start's one row [1, 0, 0, 0]: a resample of 4 prompts holds k ~ Binomial(4, 1/4) right answers;
   # P(k = 0) = 0.32 > 0.025 and P(k <= 2) = 0.95 < 0.975 <= P(k <= 3): the interval is [0, 3 / 4].
