@@ -514,6 +514,7 @@ def aggregate(results: list[dict]) -> dict[str, dict]:
   return {name: {"seeds": len(rs), **{f: mean_spread([r[f] for r in rs]) for f in FIELDS},
                  **{split: per_prompt_scores(rs, split) for split in SPLITS},
                  "mechanisms": {k: mean_spread([r.get("mechanisms", {}).get(k) for r in rs]) for k in MECHANISMS},
+                 "warm_dirs": sorted({str(r["spec"].get("warm_dir")) for r in rs}),
                  "curves": mean_curves(rs)}
           for name, rs in by_method.items()}
 
@@ -527,6 +528,7 @@ class Comparison:
   prompts: int = 0
   diff: stats.Difference | None = None
   why: str = ""
+  other_warm_start: bool = False              # the two ran from different warm starts: the difference includes theirs
 
   @property
   def mdd(self) -> float:
@@ -555,7 +557,8 @@ def compare(summary: dict[str, dict], baselines: dict[str, str | None], *, split
       out.append(Comparison(name, base, why=f"no seed in common with {base}"))
     else:
       a_SP, b_SP = (pp.scores_SP[[pp.seeds.index(s) for s in common]] for pp in (a, b))
-      out.append(Comparison(name, base, len(common), len(a.ids), stats.paired_difference(a_SP, b_SP)))
+      out.append(Comparison(name, base, len(common), len(a.ids), stats.paired_difference(a_SP, b_SP),
+                            other_warm_start=row.get("warm_dirs") != summary[base].get("warm_dirs")))
   return out
 
 
@@ -596,7 +599,8 @@ def _diff_cells(c: Comparison) -> list[str]:
   if c.diff is None:
     return ["n/a", f"not compared: {c.why}", "n/a"]
   d = c.diff
-  return [f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", d.verdict, f"{c.mdd:.3f}"]
+  verdict = f"{d.verdict} (another warm start)" if c.other_warm_start else d.verdict
+  return [f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", verdict, f"{c.mdd:.3f}"]
 
 
 def _dash(ms: tuple[float, float], digits: int) -> str:
@@ -711,6 +715,10 @@ def render_results(summary: dict[str, dict], *, methods: list[Method], warm: lis
                  + " | ".join(cell for c in row for cell in _diff_cells(c)) + " |")
   lines += ["", "Minimum detectable difference achieved:", ""]
   lines += [f"- {power_sentence(by_split[split], label.capitalize())}" for split, label in COMPARED.items()]
+  if any(c.other_warm_start for cs in by_split.values() for c in cs):
+    lines += ["", "**Another warm start.** A verdict marked so compares runs that started from different warm starts "
+              "(their output formats differ; the warm starts are listed below): its difference holds the warm starts' "
+              "own gap as well as the methods'."]
   if any(c.seeds == 1 for cs in by_split.values() for c in cs):
     lines += ["", "**One seed.** A comparison on one seed resamples prompts only: its interval, verdict and MDD leave "
               "out how much a run's accuracy moves with its training seed, so its verdicts are provisional until "

@@ -163,6 +163,18 @@ def test_compare_pairs_the_common_seeds_on_the_same_prompts():
   assert prior.method == "DAPO" and prior.diff.mean == pytest.approx(5 / 8)
 
 
+def test_a_comparison_across_warm_starts_is_marked():
+  results = [_result("GRPO", 0, [1, 0, 1, 0]), _result("OPSD", 0, [0, 0, 1, 0]), _result("PGPO-GRPO", 0, [1, 1, 1, 0])]
+  for r, warm in zip(results, ("/w/demo", "/w/vigos", "/w/demo")):
+    r["spec"]["warm_dir"] = warm
+  summary = replicate.aggregate(results)
+  got = {c.method: c for c in replicate.compare(summary, {"GRPO": None, "OPSD": "GRPO", "PGPO-GRPO": "GRPO"},
+                                                split="test")}
+  assert got["OPSD"].other_warm_start and not got["PGPO-GRPO"].other_warm_start
+  assert replicate._diff_cells(got["OPSD"])[1].endswith(" (another warm start)")
+  assert got["OPSD"].diff.mean == pytest.approx(-0.25)  # still measured: [0, 0, 1, 0] - [1, 0, 1, 0]
+
+
 def _comparison(a_SP, b_SP):
   summary = replicate.aggregate([_result(m, s, row, ids=[f"p{i}" for i in range(len(row))])
                                  for m, x in (("A", a_SP), ("B", b_SP)) for s, row in enumerate(x)])
@@ -237,6 +249,7 @@ def test_render_results_table():
                              "0.000 (DAPO against GRPO), <= 0.05") for line in lines)
   assert any(line.startswith("- Prior-conflict: the largest minimum detectable difference") for line in lines)
   assert not any(line.startswith("**One seed.**") for line in lines)  # DAPO and GRPO paired on two seeds
+  assert not any(line.startswith("**Another warm start.**") for line in lines)
   one = replicate.render_results(
       replicate.aggregate(results[:1] + results[2:3]), methods=methods[:2], warm=warm, budgets={"GRPO": budget,
                                                                                                 "DAPO": budget},
