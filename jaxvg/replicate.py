@@ -419,14 +419,15 @@ def execute(specs: list[dict], *, jobs: int, pin: bool, env: dict) -> list[dict]
     try:
       if i in warms:
         warms[i].result()  # its warm start first (a failed one raises here)
-      if (done := _done(spec)) is not None:
-        return done
-      os.makedirs(spec["out_dir"], exist_ok=True)
-      spec_path, log_path = os.path.join(spec["out_dir"], "spec.json"), os.path.join(spec["out_dir"], "log.txt")
-      slot = take_slot(i)
-    except BaseException:
-      leave(i)
-      raise
+      done = _done(spec)
+      if done is None:
+        os.makedirs(spec["out_dir"], exist_ok=True)
+        slot = take_slot(i)
+    finally:
+      leave(i)  # a job reused, failed or started no longer holds back the ones after it
+    if done is not None:
+      return done
+    spec_path, log_path = os.path.join(spec["out_dir"], "spec.json"), os.path.join(spec["out_dir"], "log.txt")
     name = f"{spec['kind']} job of {spec['method']}" + (f" seed {spec['seed']}" if spec["kind"] == "run" else "")
     try:
       if failed.is_set():

@@ -543,6 +543,11 @@ def test_runs_wait_only_for_their_own_warm_start(tmp_path, monkeypatch):
   _fake_jobs(monkeypatch, events, seconds={"w": 0.2, **dict.fromkeys(names, 0.01)})
   replicate.execute([warm] + [_job(tmp_path, "run", n, warm["out_dir"]) for n in names], jobs=1, pin=False, env={})
   assert [m for kind, m in events if kind == "start"] == ["w", *names]
+  # Called again, every job is done: each is reused, none runs, and none waits on another.
+  events.clear()
+  again = replicate.execute([warm] + [_job(tmp_path, "run", n, warm["out_dir"]) for n in names], jobs=1, pin=False,
+                            env={})
+  assert events == [] and [r["spec"]["method"] for r in again] == ["w", *names]
 
 
 def test_a_failed_warm_start_stops_its_runs_and_no_job_starts_after_it(tmp_path, monkeypatch):
