@@ -25,17 +25,16 @@ r"""Replication: every method x seed from one shared warm start and one rollout 
    beside the page; cost and analysis figures (mean ± sample standard deviation over seeds); the machine, date and
    wall time.
 
-Runs are loaded for notebooks/training_curves.ipynb by `jaxvg.run.runlog`, a replication by `load_results`.
+Runs are loaded for notebooks/training_curves.ipynb by `jaxvg.run.runlog`; the page is `jaxvg.run.results_page`,
+which also loads a finished replication (`load_results`).
 """
 
 import argparse
 import concurrent.futures
 import dataclasses
 import datetime
-import glob
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -48,7 +47,7 @@ import time
 
 import numpy as np
 
-from jaxvg.run import stats
+from jaxvg.run.results_page import EVAL_CURVES, SPLITS, aggregate, plot_curves, render_results
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -75,19 +74,6 @@ METHODS = (
     Method("VGS", "vgs_demo.py", (), baseline="OPD"),
     Method("GRPO+VGS", "grpo_vgs_demo.py", (), baseline="GRPO"),
 )
-# result.json fields aggregated over seeds (mean ± spread), in table order.
-FIELDS = ("tokens_per_s", "step_time", "rollouts", "dependency_auroc", "step_split_accuracy")
-# Per-prompt scores kept by every result: held-out, prior-conflict, and held-out with white images (the control).
-SPLITS = ("test", "prior_conflict", "white")
-COMPARED = {"test": "held-out", "prior_conflict": "prior-conflict"}  # the splits compared with the baseline
-TARGET_MDD = 0.05  # the minimum detectable difference the replication aims for
-# What each paper says its method does, measured on every run (`run_mechanisms`): the page's mechanisms table.
-MECHANISMS = ("pgpo_visual_mass", "visual_share", "step_split", "pdcr_visual_adv_std", "pdcr_textual_adv_std",
-              "pdcr_visual_frac", "vigos_valid", "palr", "vgs_eta", "vgs_lp_fraction")
-# The curves every run keeps (`run_curves`): the reward per RL step, and the evaluated figures by RL steps done.
-EVAL_CURVES = ("accuracy", "white_kl", "dependency_auroc")
-
-
 def select_methods(names: list[str] | None, *, config_dir: str = CONFIG_DIR) -> list[Method]:
   """The methods named (all when None), each with an existing config file; unknown names and missing files raise."""
   by_name = {m.name.lower(): m for m in METHODS}
@@ -461,318 +447,6 @@ def execute(specs: list[dict], *, jobs: int, pin: bool, env: dict) -> list[dict]
   if errors:  # the first failure itself, not a job that only did not start after it
     raise next((e for e in errors if "did not start" not in str(e)), errors[0])
   return [f.result() for f in futures]
-
-
-def mean_spread(values) -> tuple[float, float]:
-  """(mean, sample standard deviation (ddof 1; 0 for one value)) of the finite values; (nan, nan) when none."""
-  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
-  if v.size == 0:
-    return float("nan"), float("nan")
-  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class PerPrompt:
-  """One method's scores on one split: a row per seed (train.seed `seeds[s]`), a column per prompt (`ids[p]`)."""
-  seeds: tuple[int, ...]
-  ids: tuple[str, ...]
-  scores_SP: np.ndarray
-
-
-def per_prompt_scores(results: list[dict], split: str) -> PerPrompt | None:
-  """One method's results' scores on `split`, in seed order; None when a result has none (the data is not synthetic)."""
-  rs = sorted(results, key=lambda r: r["spec"]["seed"])
-  entries = [r["per_prompt"][split] for r in rs]
-  if not entries or any(e is None for e in entries):
-    return None
-  ids = tuple(entries[0]["ids"])
-  if any(tuple(e["ids"]) != ids for e in entries):
-    raise ValueError(f"the seeds of {rs[0]['spec']['method']} were scored on different {split} prompts")
-  return PerPrompt(tuple(r["spec"]["seed"] for r in rs), ids, np.asarray([e["scores"] for e in entries], np.float64))
-
-
-def mean_curves(results: list[dict]) -> dict[str, list[tuple[int, float]]]:
-  """Each curve of `run_curves` averaged over the results (seeds) at every x one of them logged."""
-  out = {}
-  for name in ("reward", *EVAL_CURVES):
-    points = {}
-    for r in results:
-      for x, v in r.get("curves", {}).get(name, []):
-        if math.isfinite(v):
-          points.setdefault(int(x), []).append(v)
-    if points:
-      out[name] = [(x, float(np.mean(points[x]))) for x in sorted(points)]
-  return out
-
-
-def aggregate(results: list[dict]) -> dict[str, dict]:
-  """method -> {"seeds": n, field: (mean, spread) for each of FIELDS, split: PerPrompt | None for each of SPLITS,
-  "mechanisms": {name: (mean, spread)} for each of MECHANISMS, "curves": `mean_curves`}, in the order the methods
-  first appear."""
-  by_method = {}
-  for r in results:
-    by_method.setdefault(r["spec"]["method"], []).append(r)
-  return {name: {"seeds": len(rs), **{f: mean_spread([r[f] for r in rs]) for f in FIELDS},
-                 **{split: per_prompt_scores(rs, split) for split in SPLITS},
-                 "mechanisms": {k: mean_spread([r.get("mechanisms", {}).get(k) for r in rs]) for k in MECHANISMS},
-                 "warm_dirs": sorted({str(r["spec"].get("warm_dir")) for r in rs}),
-                 "curves": mean_curves(rs)}
-          for name, rs in by_method.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-  """A method against its baseline on one split: the paired difference on their common seeds, or why there is none."""
-  method: str
-  baseline: str
-  seeds: int = 0                              # the seeds both ran (the rows paired)
-  prompts: int = 0
-  diff: stats.Difference | None = None
-  why: str = ""
-  other_warm_start: bool = False              # the two ran from different warm starts: the difference includes theirs
-
-  @property
-  def mdd(self) -> float:
-    """The minimum detectable difference (80 % power, 5 % level) of this paired design."""
-    return stats.z_sum() * self.diff.se if self.diff else float("nan")
-
-
-def compare(summary: dict[str, dict], baselines: dict[str, str | None], *, split: str) -> list[Comparison]:
-  """Each method that has a baseline, against it on `split`: the same prompts, the seeds both ran."""
-  out = []
-  for name, row in summary.items():
-    base = baselines[name]
-    if base is None:
-      continue
-    if base not in summary:
-      out.append(Comparison(name, base, why=f"its baseline {base} was not run"))
-      continue
-    a, b = row[split], summary[base][split]
-    if a is None or b is None:
-      out.append(Comparison(name, base, why="no per-prompt scores"))
-      continue
-    common = [s for s in a.seeds if s in b.seeds]
-    if a.ids != b.ids:
-      out.append(Comparison(name, base, why=f"it and {base} were scored on different prompts"))
-    elif not common:
-      out.append(Comparison(name, base, why=f"no seed in common with {base}"))
-    else:
-      a_SP, b_SP = (pp.scores_SP[[pp.seeds.index(s) for s in common]] for pp in (a, b))
-      out.append(Comparison(name, base, len(common), len(a.ids), stats.paired_difference(a_SP, b_SP),
-                            other_warm_start=row.get("warm_dirs") != summary[base].get("warm_dirs")))
-  return out
-
-
-def power_sentence(comparisons: list[Comparison], label: str) -> str:
-  """The largest minimum detectable difference over the comparisons, and whether it reaches TARGET_MDD."""
-  made = [c for c in comparisons if c.diff]
-  if not made:
-    return f"{label}: no comparison was made."
-  worst = max(made, key=lambda c: c.mdd)
-  head = (f"{label}: the largest minimum detectable difference over the {len(made)} comparison(s) is {worst.mdd:.3f} "
-          f"({worst.method} against {worst.baseline})")
-  if worst.mdd <= TARGET_MDD:
-    return (f"{head}, <= {TARGET_MDD}: every comparison would detect a true difference of {TARGET_MDD} with 80 % "
-            "power.")
-  sd, need = worst.diff.sd_prompt, stats.required_prompts(worst.diff.sd_prompt, TARGET_MDD)
-  head += (f", above {TARGET_MDD}: this run cannot promise to detect a difference of {TARGET_MDD}. At that "
-           f"comparison's per-prompt paired SD ({sd:.3f}), the prompts alone would reach {TARGET_MDD} with about "
-           f"{need} prompts")
-  if need > worst.prompts:
-    return f"{head}: score more (--eval-prompts); the part from the spread between seeds falls only with more seeds."
-  return (f"{head}, and {worst.prompts} were scored: the rest is the spread between seeds (with the share of the "
-          "seed x prompt noise that the bootstrap counts there), which only more seeds reduce.")
-
-
-def _cell(ms: tuple[float, float], digits: int) -> str:
-  m, s = ms
-  return "n/a" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def _ci_cell(scores_SP) -> str:
-  if scores_SP is None:
-    return "n/a"
-  ci = stats.mean_ci(scores_SP)
-  return f"{ci.mean:.3f} [{ci.lo:.3f}, {ci.hi:.3f}]"
-
-
-def _diff_cells(c: Comparison) -> list[str]:
-  if c.diff is None:
-    return ["n/a", f"not compared: {c.why}", "n/a"]
-  d = c.diff
-  verdict = f"{d.verdict} (another warm start)" if c.other_warm_start else d.verdict
-  return [f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", verdict, f"{c.mdd:.3f}"]
-
-
-def _dash(ms: tuple[float, float], digits: int) -> str:
-  return "-" if not math.isfinite(ms[0]) else _cell(ms, digits)
-
-
-def mechanism_rows(summary: dict[str, dict]) -> list[str]:
-  """The mechanisms table: what each paper says its method does, as measured (mean ± spread over seeds)."""
-  lines = ["| method | PGPO: weight share on visual words | visual words' token share | step split (V) | "
-           "PDCR adv. std, visual / textual steps | PDCR visual steps | ViGOS valid rollouts | PALR | VGS eta | "
-           "VGS LP tokens |", "|---" * 10 + "|"]
-  for name, row in summary.items():
-    m = row["mechanisms"]
-    pdcr = ("-" if not math.isfinite(m["pdcr_visual_adv_std"][0]) else
-            f"{_cell(m['pdcr_visual_adv_std'], 3)} / {_dash(m['pdcr_textual_adv_std'], 3)}")
-    cells = [_dash(m["pgpo_visual_mass"], 3), _dash(m["visual_share"], 3), _dash(m["step_split"], 3), pdcr,
-             _dash(m["pdcr_visual_frac"], 3), _dash(m["vigos_valid"], 3), _dash(m["palr"], 3),
-             _dash(m["vgs_eta"], 2), _dash(m["vgs_lp_fraction"], 3)]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return lines
-
-
-def curves_figure(summary: dict[str, dict]):
-  """A matplotlib figure of the methods' mean curves (reward, held-out accuracy, white-image KL, dependency AUROC),
-  one color per method; None when no run logged a curve."""
-  if not any(row["curves"] for row in summary.values()):
-    return None
-  import matplotlib.pyplot as plt
-  from jaxvg.run import runlog
-  titles = {"reward": "reward per RL step (EMA 0.6)", "accuracy": "held-out accuracy (greedy)",
-            "white_kl": "white-image KL per token", "dependency_auroc": "dependency AUROC (visual vs reasoning words)"}
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-  for ax, (name, title) in zip(axes.ravel(), titles.items()):
-    for i, (method, row) in enumerate(summary.items()):
-      if name in row["curves"]:
-        x, y = np.asarray(row["curves"][name]).T
-        y = runlog.ema(y, 0.6) if name == "reward" else y
-        ax.plot(x, y, color=plt.cm.tab20(i % 20), marker=None if name == "reward" else "o", markersize=3,
-                label=method)
-    ax.set(title=title, xlabel="RL step" if name == "reward" else "RL steps done")
-    ax.grid(alpha=0.3)
-  handles, labels = axes[0, 1].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels) or 1), fontsize=8)
-  fig.tight_layout(rect=(0, 0.08, 1, 1))
-  return fig
-
-
-def plot_curves(summary: dict[str, dict], path: str) -> bool:
-  """Writes `curves_figure` as a PNG at `path`; False (and no file) when no run logged a curve or matplotlib (an
-  optional dependency: the `notebooks` extra) is not installed."""
-  try:
-    import matplotlib
-  except ImportError:
-    print("matplotlib is not installed: the page has no curves figure (pip install matplotlib)", file=sys.stderr)
-    return False
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig = curves_figure(summary)
-  if fig is None:
-    return False
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return True
-
-
-def load_results(out_dir: str) -> list[dict]:
-  """The finished runs' results under a replication folder (`--out`), method by method, seed by seed: for notebooks
-  (`aggregate`, `curves_figure`, `mechanism_rows`)."""
-  paths = glob.glob(os.path.join(out_dir, "*", "seed*", "run_result.json"))
-  results = [json.load(open(p)) for p in paths]
-  return sorted(results, key=lambda r: (r["spec"]["method"], r["spec"]["seed"]))
-
-
-def _hms(seconds: float) -> str:
-  h, rest = divmod(int(round(seconds)), 3600)
-  return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def render_results(summary: dict[str, dict], *, methods: list[Method], warm: list[dict], budgets: dict[str, dict],
-                   command: str, machine: str, date: str, wall_s: float, jobs_s: float,
-                   curves_png: str | None = None) -> str:
-  """The results page: accuracies, comparisons with the baselines and their power, cost, warm starts, methods."""
-  baselines = {m.name: m.baseline for m in methods}
-  budget = budgets[methods[0].name]
-  sizes = sorted({len(row[s].ids) for row in summary.values() for s in SPLITS if row[s] is not None})
-  prompts = "no" if not sizes else str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
-  lines = ["# Results: every method from a shared warm start", "",
-           f"`{command}` on {machine}, {date}; total wall time {_hms(wall_s)} (the warm start and run processes took "
-           f"{_hms(jobs_s)} in all, summed over parallel jobs and earlier invocations whose runs were reused).", "",
-           f"Budget per run: {budget['steps']} RL steps x {budget['prompts_per_batch'] * budget['group_size']} "
-           "rollouts (prompts x samples per prompt, per method below); DAPO's dynamic sampling may draw more prompts "
-           "(the rollouts column counts what was sampled). Seed n is train.seed = n.", "",
-           "## Accuracy", "",
-           f"Each final policy scored prompt by prompt on {prompts} prompts per split, the same prompts for every "
-           "method and seed: the mean over seeds and prompts [its 95 % interval, a bootstrap over seeds and prompts]. "
-           "The white-image column is the held-out split with every image white: what the policy gets without "
-           "looking.", "",
-           "| method | seeds | held-out acc. | prior-conflict acc. | white-image acc. (control) |", "|---" * 5 + "|"]
-  lines += [f"| {name} | {row['seeds']} | " + " | ".join(_ci_cell(row[s] and row[s].scores_SP) for s in SPLITS)
-            + " |" for name, row in summary.items()]
-  by_split = {split: compare(summary, baselines, split=split) for split in COMPARED}
-  lines += ["", "## Against the baseline", "",
-            "Method minus baseline on the seeds both ran and the same prompts: the mean difference [its 95 % interval, "
-            "a paired bootstrap that resamples the same seeds and prompts for both], the verdict (better: the interval "
-            "lies above 0; worse: below 0; no difference detected: it holds 0), and the minimum detectable difference "
-            "(MDD: the smallest true difference this design detects with 80 % power at the 5 % level).", "",
-            "| method | baseline | seeds paired | " + " | ".join(f"{label} diff. | {label} verdict | {label} MDD"
-                                                       for label in COMPARED.values()) + " |",
-            "|---" * (3 + 3 * len(COMPARED)) + "|"]
-  for row in zip(*by_split.values()):
-    lines.append(f"| {row[0].method} | {row[0].baseline} | {row[0].seeds or 'n/a'} | "
-                 + " | ".join(cell for c in row for cell in _diff_cells(c)) + " |")
-  lines += ["", "Minimum detectable difference achieved:", ""]
-  lines += [f"- {power_sentence(by_split[split], label.capitalize())}" for split, label in COMPARED.items()]
-  if any(c.other_warm_start for cs in by_split.values() for c in cs):
-    lines += ["", "**Another warm start.** A verdict marked so compares runs that started from different warm starts "
-              "(their output formats differ; the warm starts are listed below): its difference holds the warm starts' "
-              "own gap as well as the methods'."]
-  if any(c.seeds == 1 for cs in by_split.values() for c in cs):
-    lines += ["", "**One seed.** A comparison on one seed resamples prompts only: its interval, verdict and MDD leave "
-              "out how much a run's accuracy moves with its training seed, so its verdicts are provisional until "
-              "more seeds run (`--seeds`; finished runs are reused)."]
-  lines += ["", "## Cost and analysis", "", "Mean ± sample standard deviation over seeds.", "",
-            "| method | seeds | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |",
-            "|---" * 7 + "|"]
-  for name, row in summary.items():
-    cells = [_cell(row[f], d) for f, d in zip(FIELDS, (0, 2, 0, 3, 3))]
-    lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
-  lines += ["", "## Mechanisms", "",
-            "What each paper says its method does, measured on every run (mean ± sample standard deviation over "
-            "seeds; - where a method has no such part). PGPO's weight share is computed for every final policy, on "
-            "the reference solutions with the run's counterfactual: PGPO does what its paper says when the visual "
-            "words' share of the weight exceeds their share of the tokens. The step split scores PDCR's Otsu split "
-            "of V against the generator's perception / reasoning labels (chance: the majority class). The PDCR "
-            "columns, ViGOS's valid rollouts, PALR and VGS's language-prior tokens are means over the RL steps; VGS's "
-            "eta is its config's (measure it with `python -m jaxvg.calibrate`, which also gives the angle between "
-            "g_Vis and g_Lang).", ""]
-  lines += mechanism_rows(summary)
-  if curves_png:
-    lines += ["", "## Curves", "",
-              "Mean over seeds per method: the reward of every RL step, and held-out accuracy, the white-image KL "
-              "and the dependency AUROC (with a white image as the counterfactual, `train.eval_dependency`) before "
-              "RL, every `train.eval_every` steps and after the last.", "",
-              f"![curves]({os.path.basename(curves_png)})"]
-  lines += ["", "## Warm starts", ""]
-  for i, w in enumerate(warm):
-    users = ", ".join(sorted(set(w["methods"])))
-    one = {s: w["per_prompt"][s] and [w["per_prompt"][s]["scores"]] for s in SPLITS}  # one seed: prompts only
-    lines.append(f"- W{i + 1} (`{os.path.basename(w['spec']['out_dir'])}`, used by {users}): held-out accuracy "
-                 f"{_ci_cell(one['test'])}, prior-conflict {_ci_cell(one['prior_conflict'])}, white-image "
-                 f"{_ci_cell(one['white'])}.")
-  lines += ["", "## Methods", "", "| method | config | overrides | prompts x samples | max new tokens |",
-            "|---" * 5 + "|"]
-  lines += [f"| {m.name} | configs/{m.config} | {', '.join(m.overrides)} | {budgets[m.name]['prompts_per_batch']} x "
-            f"{budgets[m.name]['group_size']} | {budgets[m.name]['max_new_tokens']} |" for m in methods]
-  lines += ["", "## Columns", "",
-            "- held-out: the first records of the synthetic `test` split (layouts never seen in training). "
-            "prior-conflict: the same held-out layouts, with wording that suggests a wrong answer. Each prompt scores "
-            "1 when the boxed answer of the greedy completion is right, else 0.",
-            "- intervals: percentile intervals of a crossed bootstrap that resamples seeds and, independently, prompts "
-            "(the same prompts for every seed, and for both sides of a comparison). It errs wide, counting the seed x "
-            "prompt noise more than once, so a verdict of better or worse is safe and an MDD may be up to 1.5 times "
-            "too large (`jaxvg.run.stats`).",
-            "- tokens/s and step time: medians over each run's RL steps after the first (the first step compiles).",
-            "- dependency AUROC: how well the final policy's token dependency (PGPO's k3 score, under the run's own "
-            "counterfactual: the masked image by default, the white image for PDCR) ranks the words of the reference "
-            "solutions that state an image fact above the words of reasoning steps. "
-            "step-split accuracy: the Otsu split of PDCR's step score V into perception and reasoning steps, scored "
-            "against the generator's labels. Both come from `jaxvg.analysis.evaluate_groundtruth` on the held-out "
-            "split."]
-  return "\n".join(lines) + "\n"
 
 
 def describe_machine(devices: list[str]) -> str:

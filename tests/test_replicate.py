@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxvg import replicate
-from jaxvg.run import metrics, runlog
+from jaxvg.run import metrics, results_page, runlog
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 MINI = ["--set", "sft.steps=1", "--set", "sft.perception_steps=2", "--set", "sft.batch_size=2",
@@ -97,13 +97,13 @@ def test_split_cpus():
 
 
 def test_mean_spread_by_hand():
-  m, s = replicate.mean_spread([0.2, 0.4, 0.6])
+  m, s = results_page.mean_spread([0.2, 0.4, 0.6])
   # mean 1.2 / 3 = 0.4; sample variance ((-0.2)^2 + 0 + 0.2^2) / (3 - 1) = 0.04 -> 0.2
   assert m == pytest.approx(0.4) and s == pytest.approx(0.2)
-  assert replicate.mean_spread([0.7]) == (0.7, 0.0)  # one seed: no spread
-  assert replicate.mean_spread([1.0, float("nan"), 3.0]) == pytest.approx((2.0, math.sqrt(2.0)))
-  assert all(math.isnan(x) for x in replicate.mean_spread([float("nan")]))
-  assert all(math.isnan(x) for x in replicate.mean_spread([]))
+  assert results_page.mean_spread([0.7]) == (0.7, 0.0)  # one seed: no spread
+  assert results_page.mean_spread([1.0, float("nan"), 3.0]) == pytest.approx((2.0, math.sqrt(2.0)))
+  assert all(math.isnan(x) for x in results_page.mean_spread([float("nan")]))
+  assert all(math.isnan(x) for x in results_page.mean_spread([]))
 
 
 IDS = ("p0", "p1", "p2", "p3")
@@ -115,7 +115,7 @@ def _entry(scores, ids=IDS):
 
 def _result(method, seed, test, prior=None, white=None, *, ids=IDS, **kw):
   """A run's result by hand: per-prompt scores (prior-conflict: the held-out ones unless given) and metrics."""
-  base = {f: float("nan") for f in replicate.FIELDS}
+  base = {f: float("nan") for f in results_page.FIELDS}
   base.update(tokens_per_s=1000.0 + seed, step_time=2.0, **kw)
   per_prompt = {"test": _entry(test, ids), "prior_conflict": _entry(test if prior is None else prior, ids),
                 "white": _entry(white, ids)}
@@ -125,7 +125,7 @@ def _result(method, seed, test, prior=None, white=None, *, ids=IDS, **kw):
 def test_aggregate_groups_by_method_and_stacks_the_seeds_in_order():
   results = [_result("GRPO", 1, [0, 1, 1, 0]), _result("DAPO", 0, [1, 1, 1, 1], white=[0, 0, 0, 1]),
              _result("GRPO", 0, [1, 0, 0, 0]), _result("DAPO", 1, [0, 0, 1, 1], white=[1, 0, 0, 0])]
-  summary = replicate.aggregate(results)
+  summary = results_page.aggregate(results)
   assert list(summary) == ["GRPO", "DAPO"]
   assert summary["GRPO"]["seeds"] == 2
   grpo = summary["GRPO"]["test"]
@@ -136,7 +136,7 @@ def test_aggregate_groups_by_method_and_stacks_the_seeds_in_order():
   assert summary["DAPO"]["tokens_per_s"] == pytest.approx((1000.5, math.sqrt(0.5)))
   assert all(math.isnan(x) for x in summary["GRPO"]["dependency_auroc"])
   with pytest.raises(ValueError, match="the seeds of GRPO were scored on different test prompts"):
-    replicate.aggregate([_result("GRPO", 0, [1, 0, 0, 0]), _result("GRPO", 1, [1, 0, 0, 0], ids="abcd")])
+    results_page.aggregate([_result("GRPO", 0, [1, 0, 0, 0]), _result("GRPO", 1, [1, 0, 0, 0], ids="abcd")])
 
 
 def test_compare_pairs_the_common_seeds_on_the_same_prompts():
@@ -144,9 +144,9 @@ def test_compare_pairs_the_common_seeds_on_the_same_prompts():
   results += [_result("DAPO", 1, [0, 1, 1, 1], prior=[1, 1, 1, 1]), _result("DAPO", 0, [1, 0, 1, 1], prior=[1] * 4),
               _result("PGPO-GRPO", 0, [1, 1, 1, 1], ids="abcd"), _result("OPD", 5, [1, 1, 1, 1]),
               _result("PDCR", 0, [1, 1, 1, 1]), {**_result("VGS", 0, [1] * 4), "per_prompt": dict.fromkeys(
-                  replicate.SPLITS)}]
+                  results_page.SPLITS)}]
   baselines = {"GRPO": None, "DAPO": "GRPO", "PGPO-GRPO": "GRPO", "OPD": "GRPO", "PDCR": "PACR", "VGS": "GRPO"}
-  got = {c.method: c for c in replicate.compare(replicate.aggregate(results), baselines, split="test")}
+  got = {c.method: c for c in results_page.compare(results_page.aggregate(results), baselines, split="test")}
   assert list(got) == ["DAPO", "PGPO-GRPO", "OPD", "PDCR", "VGS"]
   dapo = got["DAPO"]
   # Seeds 0 and 1 (GRPO's seed 2 has no partner): differences [[1, 0, 0, 1], [0, 0, 1, 0]], mean 3 / 8; per prompt
@@ -159,7 +159,7 @@ def test_compare_pairs_the_common_seeds_on_the_same_prompts():
   assert got["PDCR"].why == "its baseline PACR was not run"
   assert got["VGS"].why == "no per-prompt scores" and math.isnan(got["VGS"].mdd)
   # The prior-conflict split: DAPO 1 everywhere against GRPO's [[0, 0, 1, 0], [0, 1, 0, 1]]: 5 of 8 cells gained.
-  prior = replicate.compare(replicate.aggregate(results), baselines, split="prior_conflict")[0]
+  prior = results_page.compare(results_page.aggregate(results), baselines, split="prior_conflict")[0]
   assert prior.method == "DAPO" and prior.diff.mean == pytest.approx(5 / 8)
 
 
@@ -167,30 +167,30 @@ def test_a_comparison_across_warm_starts_is_marked():
   results = [_result("GRPO", 0, [1, 0, 1, 0]), _result("OPSD", 0, [0, 0, 1, 0]), _result("PGPO-GRPO", 0, [1, 1, 1, 0])]
   for r, warm in zip(results, ("/w/demo", "/w/vigos", "/w/demo")):
     r["spec"]["warm_dir"] = warm
-  summary = replicate.aggregate(results)
-  got = {c.method: c for c in replicate.compare(summary, {"GRPO": None, "OPSD": "GRPO", "PGPO-GRPO": "GRPO"},
+  summary = results_page.aggregate(results)
+  got = {c.method: c for c in results_page.compare(summary, {"GRPO": None, "OPSD": "GRPO", "PGPO-GRPO": "GRPO"},
                                                 split="test")}
   assert got["OPSD"].other_warm_start and not got["PGPO-GRPO"].other_warm_start
-  assert replicate._diff_cells(got["OPSD"])[1].endswith(" (another warm start)")
+  assert results_page._diff_cells(got["OPSD"])[1].endswith(" (another warm start)")
   assert got["OPSD"].diff.mean == pytest.approx(-0.25)  # still measured: [0, 0, 1, 0] - [1, 0, 1, 0]
 
 
 def _comparison(a_SP, b_SP):
-  summary = replicate.aggregate([_result(m, s, row, ids=[f"p{i}" for i in range(len(row))])
+  summary = results_page.aggregate([_result(m, s, row, ids=[f"p{i}" for i in range(len(row))])
                                  for m, x in (("A", a_SP), ("B", b_SP)) for s, row in enumerate(x)])
-  return replicate.compare(summary, {"A": "B", "B": None}, split="test")
+  return results_page.compare(summary, {"A": "B", "B": None}, split="test")
 
 
 def test_power_sentence_says_whether_the_mdd_reaches_the_target():
   # A constant difference: every bootstrap replicate agrees, the MDD is 0.
   same = _comparison(np.full((2, 4), 0.75), np.full((2, 4), 0.25))
-  assert replicate.power_sentence(same, "Held-out") == (
+  assert results_page.power_sentence(same, "Held-out") == (
       "Held-out: the largest minimum detectable difference over the 1 comparison(s) is 0.000 (A against B), <= 0.05: "
       "every comparison would detect a true difference of 0.05 with 80 % power.")
   # Four prompts: far from 0.05, and the prompts are what is missing; per-prompt SD .25 -> (2.801585 x .25 / .05)^2
   # = 196.2 -> 197 prompts.
   few = _comparison([[1, 0, 1, 1], [0, 1, 1, 1]], [[0, 0, 1, 0], [0, 1, 0, 1]])
-  text = replicate.power_sentence(few, "Held-out")
+  text = results_page.power_sentence(few, "Held-out")
   assert text.startswith(f"Held-out: the largest minimum detectable difference over the 1 comparison(s) is "
                          f"{few[0].mdd:.3f} (A against B), above 0.05: this run cannot promise")
   assert text.endswith("(0.250), the prompts alone would reach 0.05 with about 197 prompts: score more "
@@ -202,11 +202,11 @@ def test_power_sentence_says_whether_the_mdd_reaches_the_target():
   a_SP = 0.5 + np.stack([0.3 + pattern_P, -0.3 + pattern_P])
   seedy = _comparison(a_SP, np.full((2, 400), 0.5))
   assert seedy[0].mdd == pytest.approx(2.801585 * math.sqrt(0.09 / 2), rel=0.05)
-  assert replicate.power_sentence(seedy, "Held-out").endswith(
+  assert results_page.power_sentence(seedy, "Held-out").endswith(
       "(0.100), the prompts alone would reach 0.05 with about 32 prompts, and 400 were scored: the rest is the spread "
       "between seeds (with the share of the seed x prompt noise that the bootstrap counts there), which only more "
       "seeds reduce.")
-  assert replicate.power_sentence([replicate.Comparison("A", "B", why="its baseline B was not run")],
+  assert results_page.power_sentence([results_page.Comparison("A", "B", why="its baseline B was not run")],
                                   "Prior-conflict") == "Prior-conflict: no comparison was made."
 
 
@@ -221,8 +221,8 @@ def test_render_results_table():
              replicate.Method("DAPO", "demo.py", (), baseline="GRPO"),
              replicate.Method("PDCR", "demo.py", (), baseline="PACR")]
   budget = {"steps": 20, "prompts_per_batch": 8, "group_size": 8, "max_new_tokens": 96}
-  text = replicate.render_results(
-      replicate.aggregate(results), methods=methods, warm=warm,
+  text = results_page.render_results(
+      results_page.aggregate(results), methods=methods, warm=warm,
       budgets={"GRPO": budget, "DAPO": {**budget, "prompts_per_batch": 4, "group_size": 16, "max_new_tokens": 128},
                "PDCR": budget},
       command="python -m jaxvg.replicate --seeds 2", machine="a test machine", date="2030-01-02", wall_s=3725.0,
@@ -250,8 +250,8 @@ def test_render_results_table():
   assert any(line.startswith("- Prior-conflict: the largest minimum detectable difference") for line in lines)
   assert not any(line.startswith("**One seed.**") for line in lines)  # DAPO and GRPO paired on two seeds
   assert not any(line.startswith("**Another warm start.**") for line in lines)
-  one = replicate.render_results(
-      replicate.aggregate(results[:1] + results[2:3]), methods=methods[:2], warm=warm, budgets={"GRPO": budget,
+  one = results_page.render_results(
+      results_page.aggregate(results[:1] + results[2:3]), methods=methods[:2], warm=warm, budgets={"GRPO": budget,
                                                                                                 "DAPO": budget},
       command="c", machine="m", date="d", wall_s=1.0, jobs_s=1.0)
   assert any(line.startswith("**One seed.** A comparison on one seed resamples prompts only") for line in
@@ -297,7 +297,7 @@ def test_run_curves_and_their_mean_over_seeds():
   assert curves["accuracy"] == [[0, 0.4], [1, 0.5], [2, 0.6]]
   assert curves["white_kl"] == [[2, 1.5]] and curves["dependency_auroc"] == []
   other = {"reward": [[0, 0.75], [1, float("nan")]], "accuracy": [[0, 0.4], [2, 0.8]]}
-  mean = replicate.mean_curves([{"curves": curves}, {"curves": other}])
+  mean = results_page.mean_curves([{"curves": curves}, {"curves": other}])
   # Every x either seed logged; a non-finite value does not count.
   assert mean["reward"] == [(0, 0.5), (1, 0.5)]
   assert mean["accuracy"] == [(0, 0.4), (1, 0.5), (2, pytest.approx(0.7))]
@@ -306,22 +306,22 @@ def test_run_curves_and_their_mean_over_seeds():
 
 def test_mechanism_table_and_curves_figure(tmp_path):
   nan = float("nan")
-  base = dict.fromkeys(replicate.MECHANISMS, nan)
+  base = dict.fromkeys(results_page.MECHANISMS, nan)
   results = [_result("PGPO-DAPO", s, [1, 0, 1, 0], mechanisms={**base, "pgpo_visual_mass": v, "visual_share": 0.2},
                      curves={"reward": [[0, 0.1], [1, 0.2]], "accuracy": [[0, 0.4], [2, 0.5]]})
              for s, v in ((0, 0.5), (1, 0.7))]
   results.append(_result("PDCR", 0, [1, 1, 0, 0], mechanisms={**base, "step_split": 0.9, "pdcr_visual_adv_std": 0.4,
                                                                "pdcr_textual_adv_std": 0.2, "pdcr_visual_frac": 0.3}))
-  summary = replicate.aggregate(results)
-  rows = replicate.mechanism_rows(summary)
+  summary = results_page.aggregate(results)
+  rows = results_page.mechanism_rows(summary)
   # PGPO: mean 0.6, sample SD of (0.5, 0.7) = 0.141.
   assert rows[2] == "| PGPO-DAPO | 0.600 ± 0.141 | 0.200 ± 0.000 | - | - | - | - | - | - | - |"
   assert rows[3] == "| PDCR | - | - | 0.900 ± 0.000 | 0.400 ± 0.000 / 0.200 ± 0.000 | 0.300 ± 0.000 | - | - | - | - |"
   assert all(row.count("|") == 11 for row in rows)
   png = tmp_path / "curves.png"
-  assert replicate.plot_curves(summary, str(png)) and png.read_bytes()[:4] == b"\x89PNG"
-  bare = replicate.aggregate([_result("GRPO", 0, [1, 0, 1, 0])])
-  assert not replicate.plot_curves(bare, str(tmp_path / "none.png")) and not (tmp_path / "none.png").exists()
+  assert results_page.plot_curves(summary, str(png)) and png.read_bytes()[:4] == b"\x89PNG"
+  bare = results_page.aggregate([_result("GRPO", 0, [1, 0, 1, 0])])
+  assert not results_page.plot_curves(bare, str(tmp_path / "none.png")) and not (tmp_path / "none.png").exists()
 
 
 def test_summarize_metrics_by_hand():
@@ -454,7 +454,7 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
       pp = entry["per_prompt"]
       assert pp["test"]["ids"] == pp["white"]["ids"] == [f"synthetic-{seed}-test-{i}" for i in range(2)]
       assert pp["prior_conflict"]["ids"] == [f"synthetic-{seed}-prior_conflict-{i}" for i in range(2)]
-      assert all(x in (0.0, 1.0) for split in replicate.SPLITS for x in pp[split]["scores"])
+      assert all(x in (0.0, 1.0) for split in results_page.SPLITS for x in pp[split]["scores"])
     # train.run's own evaluation after RL scored the same 2 held-out records (data.num_eval=2) with the same weights
     assert np.mean(r["per_prompt"]["test"]["scores"]) == r["accuracy_after"] == r["heldout_after"]
     # tokens/s and step time as a naive reading of the log: the run's second RL step (the first compiles)
@@ -471,11 +471,11 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
     # accuracy's last point being train.run's own.
     curves, table = r["curves"], runlog.read_run(run_dir)
     assert curves["reward"] == [[0, table["reward/overall"][1][0]], [1, table["reward/overall"][1][1]]]
-    for name in replicate.EVAL_CURVES:
+    for name in results_page.EVAL_CURVES:
       assert [x for x, _ in curves[name]] == [0, 1, 2], name
     assert curves["accuracy"][0][1] == r["accuracy_before"] and curves["accuracy"][-1][1] == r["accuracy_after"]
     m = r["mechanisms"]
-    assert set(replicate.MECHANISMS) <= set(m) and m["credit"] == "none" and m["distill"] == "none"
+    assert set(results_page.MECHANISMS) <= set(m) and m["credit"] == "none" and m["distill"] == "none"
     assert 0.0 <= m["pgpo_visual_mass"] <= 1.0 and 0.0 < m["visual_share"] < 1.0
     assert m["step_split"] == r["step_split_accuracy"] and math.isnan(m["pdcr_visual_frac"])
   grpo, dapo = results

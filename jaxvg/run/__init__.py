@@ -12,4 +12,5 @@
   metrics.py     metrics.jsonl, TensorBoard, samples, the progress bar and compile announcements
   runlog.py      reading a run folder's logs back (notebooks, replication)
   stats.py       bootstrap confidence intervals and paired comparisons of methods
+  results_page.py  a replication's results aggregated per method, compared with baselines, rendered as a page
 """
