@@ -18,7 +18,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 
 from jaxvg import train
@@ -45,21 +44,9 @@ def calibrate(cfg, steps: int) -> dict:
   gamma = cfg.distill.gamma
   run_cfg = calibration_config(cfg)
   run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, steps=steps))
-  d, G = run_cfg.distill, run_cfg.rollout.group_size
-  grads_fn = jax.jit(lambda params, graphdef, w, batch: teachers.vgs_term_gradients(params, graphdef, w, batch, d=d,
-                                                                                     group_size=G),
-                     static_argnums=(1,))
-  stats_fn = jax.jit(teachers.gradient_statistics)
+  stats_fn = teachers.make_gradient_probe(run_cfg.distill, run_cfg.rollout.group_size)
   rows = []
-
-  def probe(state, teacher, micro):
-    w_DV = teacher.model().decoder.head_weight_DV()
-    total = None
-    for batch in micro:  # the update's gradient is the sum over its micro-batches (step-wide normalizers)
-      g = grads_fn(state.params, state.graphdef, w_DV, batch)
-      total = g if total is None else jax.tree.map(lambda a, b: a + b, total, g)
-    rows.append({k: float(v) for k, v in jax.device_get(stats_fn(total)).items()})
-
+  probe = lambda state, teacher, micro: rows.append(stats_fn(state, teacher, micro))
   train.run(run_cfg, probe=probe)
   mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
   spread = {f"{k}_std": float(np.std([r[k] for r in rows])) for k in rows[0]}

@@ -71,8 +71,8 @@ METHODS = (
     Method("OPSD", "opsd_demo.py", ("distill.palr=true",), baseline="GRPO"),  # PALR: the mechanisms table
     Method("ViGOS", "vigos_demo.py", ("distill.palr=true",), baseline="OPSD"),
     Method("OPD", "opd_demo.py", (), baseline="GRPO"),
-    Method("VGS", "vgs_demo.py", (), baseline="OPD"),
-    Method("GRPO+VGS", "grpo_vgs_demo.py", (), baseline="GRPO"),
+    Method("VGS", "vgs_demo.py", ("distill.gradient_stats_every=5",), baseline="OPD"),  # the g_Lang-g_Vis angle
+    Method("GRPO+VGS", "grpo_vgs_demo.py", ("distill.gradient_stats_every=5",), baseline="GRPO"),
 )
 def select_methods(names: list[str] | None, *, config_dir: str = CONFIG_DIR) -> list[Method]:
   """The methods named (all when None), each with an existing config file; unknown names and missing files raise."""
@@ -225,18 +225,26 @@ def _rl_mean(table: dict, key: str) -> float:
   return float(values_S.mean()) if values_S.size else float("nan")
 
 
-def run_mechanisms(truth: dict, table: dict, *, credit: str, distill: str, eta: float) -> dict:
+def run_mechanisms(truth: dict, table: dict, *, credit: str, distill: str, eta: float, gamma: float) -> dict:
   """MECHANISMS of one run, from its final policy's ground-truth analysis (`truth`) and its logged metrics (`table`).
 
   pgpo_visual_mass / visual_share: PGPO's weight mass on the words that state an image fact against their share of the
   tokens (reference solutions, the run's counterfactual). step_split: the Otsu split of the step score V into
   perception and reasoning steps. pdcr_*: per RL step, the advantage spread within PDCR's visual and textual clusters
   and the visual share of the steps. vigos_valid: the rollouts ViGOS judged valid (summed over steps); palr: the
-  privileged answer leakage rate. vgs_eta: VGS's step-size correction (its config); vgs_lp_fraction: the tokens its
-  language-prior term acted on. A cell a method does not have is nan.
+  privileged answer leakage rate. vgs_eta: VGS's step-size correction (its config); vgs_eta_measured: Eq. 15 from the
+  run's own gradient statistics (distill.gradient_stats_every; the means over the measured steps, at the config's
+  gamma); vgs_angle: the angle between g_Lang and g_Vis (degrees, mean over the measured steps); vgs_lp_fraction: the
+  tokens its language-prior term acted on. A cell a method does not have is nan.
   """
   valid = table.get("vigos/valid_rows", (np.zeros(0), np.zeros(0)))[1]
   rows = table.get("vigos/rows", (np.zeros(0), np.zeros(0)))[1]
+  grad = {k: _rl_mean(table, f"vgs/grad/{k}") for k in ("norm_std", "norm_vis", "cos_std_vis", "angle_lang_vis")}
+  eta_measured = float("nan")
+  if np.isfinite([grad["norm_std"], grad["norm_vis"], grad["cos_std_vis"]]).all():
+    from jaxvg.distill import vgs
+    eta_measured = vgs.eta_from_gradient_stats(norm_std=grad["norm_std"], norm_vis=grad["norm_vis"],
+                                               cosine=grad["cos_std_vis"], gamma=gamma)
   return {"pgpo_visual_mass": float(truth.get("pgpo_visual_mass", float("nan"))),
           "visual_share": float(truth.get("visual_share", float("nan"))),
           "step_split": float(truth.get("split_accuracy_v", float("nan"))),
@@ -246,6 +254,7 @@ def run_mechanisms(truth: dict, table: dict, *, credit: str, distill: str, eta: 
           "vigos_valid": float(valid.sum() / rows.sum()) if rows.sum() > 0 else float("nan"),
           "palr": _rl_mean(table, "palr"),
           "vgs_eta": float(eta) if distill == "vgs" else float("nan"),
+          "vgs_eta_measured": float(eta_measured), "vgs_angle": grad["angle_lang_vis"],
           "vgs_lp_fraction": _rl_mean(table, "vgs/lp_fraction"),
           "credit": credit, "distill": distill}
 
@@ -319,7 +328,7 @@ def _run_worker(spec: dict) -> dict:
           **summarize_metrics(rows, group_size=cfg.rollout.group_size),
           "dependency_auroc": float(truth["auroc_k3"]), "step_split_accuracy": float(truth["split_accuracy_v"]),
           "mechanisms": run_mechanisms(truth, table, credit=cfg.credit.method, distill=cfg.distill.method,
-                                       eta=cfg.distill.eta),
+                                       eta=cfg.distill.eta, gamma=cfg.distill.gamma),
           "curves": run_curves(table),
           "budget": {"steps": cfg.train.steps, "prompts_per_batch": cfg.data.prompts_per_batch,
                      "group_size": cfg.rollout.group_size, "max_new_tokens": cfg.rollout.max_new_tokens},

@@ -186,7 +186,8 @@ def build_step_parts(cfg: experiment.Config, model, tokenizer, mesh):
         distill_step=metrics.announce_compiles(
             teachers.make_step(cfg.distill, tx=tx, group_size=G, loss_cfg=loss_cfg,
                                max_update_ratio=cfg.optim.max_update_ratio,
-                               out_shardings=(state_shardings, replicated)), "distillation update"))
+                               out_shardings=(state_shardings, replicated)), "distillation update"),
+        gradient_probe=(teachers.make_gradient_probe(cfg.distill, G) if cfg.distill.gradient_stats_every else None))
   fmt = builders.prompt_format(cfg.data)
   credit_fn = assign.make_batch_credit_fn(cfg.credit, model.cfg, tokenizer, G, fmt=fmt)
   if cfg.credit.method != "none":

@@ -91,6 +91,8 @@ def _cfg(**distill_kwargs) -> Config:
     (dict(method="opd"), {"credit": experiment.CreditCfg(method="pgpo")}, "credit.method"),
     (dict(method="opsd", teacher_context="vigos_reasoning_teacher"), {}, "prefills"),
     (dict(method="vgs", eta=0.0), {}, "eta"),
+    (dict(method="opd", gradient_stats_every=5), {}, "gradient_stats_every.*needs distill.method='vgs'"),
+    (dict(method="vgs", gradient_stats_every=-1), {}, "gradient_stats_every=-1 must be >= 0"),
     (dict(method="opd", divergence="kl"), {}, "kind"),
     (dict(method="distil"), {}, "distill.method"),
     (dict(method="opd", teacher="/no/such/dir", teacher_sft_steps=3), {}, "teacher_sft_steps"),

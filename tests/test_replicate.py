@@ -276,16 +276,21 @@ def test_run_mechanisms_by_hand():
                  pdcr__visual_frac={0: 0.25, 1: 0.75}, vigos__valid_rows={0: 3.0, 1: 5.0}, vigos__rows={0: 8.0, 1: 8.0},
                  palr={0: 0.1, 1: 0.3})
   truth = {"pgpo_visual_mass": 0.6, "visual_share": 0.3, "split_accuracy_v": 0.9}
-  m = replicate.run_mechanisms(truth, table, credit="pdcr", distill="vigos", eta=0.33)
+  m = replicate.run_mechanisms(truth, table, credit="pdcr", distill="vigos", eta=0.33, gamma=2.0)
   # RL steps only (the warm start's step -3 is not one), non-finite values skipped; ViGOS: (3 + 5) / (8 + 8).
   assert m["pdcr_visual_adv_std"] == pytest.approx(0.6) and m["pdcr_textual_adv_std"] == pytest.approx(0.2)
   assert m["pdcr_visual_frac"] == pytest.approx(0.5) and m["vigos_valid"] == pytest.approx(0.5)
   assert m["palr"] == pytest.approx(0.2) and (m["pgpo_visual_mass"], m["visual_share"], m["step_split"]) == (0.6, 0.3,
                                                                                                                0.9)
-  assert math.isnan(m["vgs_eta"]) and math.isnan(m["vgs_lp_fraction"])  # not a VGS run
-  vgs = replicate.run_mechanisms({}, _table(vgs__lp_fraction={0: 0.3, 1: 0.1}), credit="none", distill="vgs",
-                                 eta=0.33)
+  assert all(math.isnan(m[k]) for k in ("vgs_eta", "vgs_eta_measured", "vgs_angle", "vgs_lp_fraction"))  # not VGS
+  # Gradient statistics on steps 0 and 5: mean |g_Std| 3, |g_Vis| 4, cos 0, so Eq. 15 at gamma 2 gives
+  # 3 / sqrt(9 + 4 * 16) = 3 / sqrt(73).
+  grads = _table(vgs__lp_fraction={0: 0.3, 1: 0.1}, vgs__grad__norm_std={0: 2.0, 5: 4.0},
+                 vgs__grad__norm_vis={0: 4.0, 5: 4.0}, vgs__grad__cos_std_vis={0: 0.5, 5: -0.5},
+                 vgs__grad__angle_lang_vis={0: 100.0, 5: 110.0})
+  vgs = replicate.run_mechanisms({}, grads, credit="none", distill="vgs", eta=0.33, gamma=2.0)
   assert vgs["vgs_eta"] == 0.33 and vgs["vgs_lp_fraction"] == pytest.approx(0.2)
+  assert vgs["vgs_eta_measured"] == pytest.approx(3 / math.sqrt(73)) and vgs["vgs_angle"] == pytest.approx(105.0)
   assert all(math.isnan(vgs[k]) for k in ("pgpo_visual_mass", "step_split", "vigos_valid", "palr"))
 
 
@@ -312,12 +317,18 @@ def test_mechanism_table_and_curves_figure(tmp_path):
              for s, v in ((0, 0.5), (1, 0.7))]
   results.append(_result("PDCR", 0, [1, 1, 0, 0], mechanisms={**base, "step_split": 0.9, "pdcr_visual_adv_std": 0.4,
                                                                "pdcr_textual_adv_std": 0.2, "pdcr_visual_frac": 0.3}))
+  results += [_result("VGS", s, [1, 0, 0, 0], mechanisms={**base, "vgs_eta": 0.33, "vgs_eta_measured": e,
+                                                          "vgs_angle": a, "vgs_lp_fraction": 0.25})
+              for s, e, a in ((0, 0.3, 100.0), (1, 0.4, 104.0))]
   summary = results_page.aggregate(results)
   rows = results_page.mechanism_rows(summary)
   # PGPO: mean 0.6, sample SD of (0.5, 0.7) = 0.141.
-  assert rows[2] == "| PGPO-DAPO | 0.600 ± 0.141 | 0.200 ± 0.000 | - | - | - | - | - | - | - |"
-  assert rows[3] == "| PDCR | - | - | 0.900 ± 0.000 | 0.400 ± 0.000 / 0.200 ± 0.000 | 0.300 ± 0.000 | - | - | - | - |"
-  assert all(row.count("|") == 11 for row in rows)
+  assert rows[2] == "| PGPO-DAPO | 0.600 ± 0.141 | 0.200 ± 0.000 | - | - | - | - | - | - | - | - |"
+  assert rows[3] == ("| PDCR | - | - | 0.900 ± 0.000 | 0.400 ± 0.000 / 0.200 ± 0.000 | 0.300 ± 0.000 | - | - | - | - "
+                     "| - |")
+  # VGS: eta measured 0.35 ± 0.071 (SD of 0.3, 0.4) beside the config's; angle 102 ± 2.8 degrees.
+  assert rows[4] == "| VGS | - | - | - | - | - | - | - | 0.33 ± 0.00 / 0.35 ± 0.07 | 102 ± 3 | 0.250 ± 0.000 |"
+  assert all(row.count("|") == 12 for row in rows)
   png = tmp_path / "curves.png"
   assert results_page.plot_curves(summary, str(png)) and png.read_bytes()[:4] == b"\x89PNG"
   bare = results_page.aggregate([_result("GRPO", 0, [1, 0, 1, 0])])

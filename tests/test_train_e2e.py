@@ -120,11 +120,13 @@ TINY = ["--set", "train.steps=2", "--set", "sft.steps=2",
 @pytest.mark.parametrize("config, extra, expected", [
     ("vigos_demo.py", ["--set", "distill.palr=true"],
      {"vigos/loss_perception", "vigos/loss_reasoning", "vigos/loss_reference", "vigos/valid_rows", "palr"}),
-    ("grpo_vgs_demo.py", [], {"vgs/std", "vgs/vis", "vgs/lp_fraction", "pg_loss", "adv/std"}),
+    ("grpo_vgs_demo.py", ["--set", "distill.gradient_stats_every=2"],
+     {"vgs/std", "vgs/vis", "vgs/lp_fraction", "pg_loss", "adv/std"}),
 ])
 def test_distillation_recipes_train_end_to_end(tmp_path, config, extra, expected):
   """The teacher is the warm start continued (saved in out_dir/teacher), its pass runs each step, and the step logs
-  the method's terms (with the RL side's metrics when the losses are mixed, and PALR when asked)."""
+  the method's terms (with the RL side's metrics when the losses are mixed, PALR when asked, and VGS's gradient
+  statistics on every distill.gradient_stats_every-th step)."""
   out = tmp_path / "run"
   result = train.main(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", config),
                        "--set", f"train.out_dir={out}", *TINY, *extra])
@@ -136,4 +138,10 @@ def test_distillation_recipes_train_end_to_end(tmp_path, config, extra, expected
     assert expected <= set(r) and r["distill/loss"] >= 0.0 and np.isfinite(r["grad_norm"])
     if "palr" in expected:  # random completions are invalid ViGOS rollouts: no reasoning span, PALR 0 / 0 -> 0
       assert r["palr/skipped_batches"] == 0.0 and 0.0 <= r["palr"] <= 1.0
+  measured = [r["step"] for r in rl if "vgs/grad/angle_lang_vis" in r]
+  if "vgs/std" in expected:  # every 2nd step from step 0: step 0 measured, step 1 not
+    assert measured == [0] and 0.0 <= rl[0]["vgs/grad/angle_lang_vis"] <= 180.0
+    assert rl[0]["vgs/grad/norm_std"] > 0.0 and -1.0 <= rl[0]["vgs/grad/cos_std_vis"] <= 1.0
+  else:
+    assert measured == []
   assert os.path.isdir(out / "teacher" / "params") and os.path.isdir(out / "sft" / "params")

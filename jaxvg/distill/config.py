@@ -40,3 +40,7 @@ class DistillCfg:
   adaptive_gamma: bool = False
   gamma_low_quantile: float = 0.4
   rl_alpha: float = 0.0
+  # vgs: every k-th RL step (0: never), the gradients of l_Std, l_Vis and l_Lang on the step's first update, each on
+  # its own before the update, logged as vgs/grad/* (norms, cos and angles: the paper's g_Lang-g_Vis angle); three
+  # more backward passes on those steps
+  gradient_stats_every: int = 0

@@ -362,6 +362,23 @@ def vgs_term_gradients(params, graphdef, teacher_w_DV, batch: DistillBatch, *, d
   return jax.jacrev(terms)(params)
 
 
+def make_gradient_probe(d: DistillCfg, group_size: int) -> Callable[..., dict[str, float]]:
+  """(state, teacher, micro) -> `gradient_statistics` of one update's g_Std, g_Vis and g_Lang, each summed over the
+  update's micro-batches (their normalizers are step-wide, so the sum is the update's gradient), at `state`."""
+  grads_fn = jax.jit(functools.partial(vgs_term_gradients, d=d, group_size=group_size), static_argnums=(1,))
+  stats_fn = jax.jit(gradient_statistics)
+
+  def probe(state, teacher: Teacher, micro) -> dict[str, float]:
+    w_DV = teacher.model().decoder.head_weight_DV()
+    total = None
+    for batch in micro:
+      g = grads_fn(state.params, state.graphdef, w_DV, batch)
+      total = g if total is None else jax.tree.map(jnp.add, total, g)
+    return {k: float(v) for k, v in jax.device_get(stats_fn(total)).items()}
+
+  return probe
+
+
 def gradient_statistics(grads: dict) -> dict[str, jax.Array]:
   """Norms of g_Std, g_Vis, g_Lang and the cosines and angles between them (VGS paper section 3, App. A)."""
   g_std, g_vis, g_lang = grads["std"], grads["vis"], grads["lang"]

@@ -28,7 +28,7 @@ COMPARED = {"test": "held-out", "prior_conflict": "prior-conflict"}  # the split
 TARGET_MDD = 0.05  # the minimum detectable difference the replication aims for
 # What each paper says its method does, measured on every run (`run_mechanisms`): the page's mechanisms table.
 MECHANISMS = ("pgpo_visual_mass", "visual_share", "step_split", "pdcr_visual_adv_std", "pdcr_textual_adv_std",
-              "pdcr_visual_frac", "vigos_valid", "palr", "vgs_eta", "vgs_lp_fraction")
+              "pdcr_visual_frac", "vigos_valid", "palr", "vgs_eta", "vgs_eta_measured", "vgs_angle", "vgs_lp_fraction")
 # The curves every run keeps (`run_curves`): the reward per RL step, and the evaluated figures by RL steps done.
 EVAL_CURVES = ("accuracy", "white_kl", "dependency_auroc")
 
@@ -181,15 +181,17 @@ def _dash(ms: tuple[float, float], digits: int) -> str:
 def mechanism_rows(summary: dict[str, dict]) -> list[str]:
   """The mechanisms table: what each paper says its method does, as measured (mean ± spread over seeds)."""
   lines = ["| method | PGPO: weight share on visual words | visual words' token share | step split (V) | "
-           "PDCR adv. std, visual / textual steps | PDCR visual steps | ViGOS valid rollouts | PALR | VGS eta | "
-           "VGS LP tokens |", "|---" * 10 + "|"]
+           "PDCR adv. std, visual / textual steps | PDCR visual steps | ViGOS valid rollouts | PALR | "
+           "VGS eta (config / measured) | VGS angle g_Lang-g_Vis (deg) | VGS LP tokens |", "|---" * 11 + "|"]
   for name, row in summary.items():
     m = row["mechanisms"]
     pdcr = ("-" if not math.isfinite(m["pdcr_visual_adv_std"][0]) else
             f"{_cell(m['pdcr_visual_adv_std'], 3)} / {_dash(m['pdcr_textual_adv_std'], 3)}")
     cells = [_dash(m["pgpo_visual_mass"], 3), _dash(m["visual_share"], 3), _dash(m["step_split"], 3), pdcr,
              _dash(m["pdcr_visual_frac"], 3), _dash(m["vigos_valid"], 3), _dash(m["palr"], 3),
-             _dash(m["vgs_eta"], 2), _dash(m["vgs_lp_fraction"], 3)]
+             _dash(m["vgs_eta"], 2) + ("" if not math.isfinite(m["vgs_eta_measured"][0]) else
+                                       f" / {_cell(m['vgs_eta_measured'], 2)}"),
+             _dash(m["vgs_angle"], 0), _dash(m["vgs_lp_fraction"], 3)]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return lines
 
@@ -309,9 +311,10 @@ def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict],
             "the reference solutions with the run's counterfactual: PGPO does what its paper says when the visual "
             "words' share of the weight exceeds their share of the tokens. The step split scores PDCR's Otsu split "
             "of V against the generator's perception / reasoning labels (chance: the majority class). The PDCR "
-            "columns, ViGOS's valid rollouts, PALR and VGS's language-prior tokens are means over the RL steps; VGS's "
-            "eta is its config's (measure it with `python -m jaxvg.calibrate`, which also gives the angle between "
-            "g_Vis and g_Lang).", ""]
+            "columns, ViGOS's valid rollouts, PALR and VGS's language-prior tokens are means over the RL steps. VGS's "
+            "eta is its config's (from `python -m jaxvg.calibrate` on the warm start) beside the eta of Eq. 15 from "
+            "the run's own gradients; those and the angle between g_Lang and g_Vis are measured every few RL steps "
+            "(`distill.gradient_stats_every`, before the update) and averaged over the run.", ""]
   lines += mechanism_rows(summary)
   if curves_png:
     lines += ["", "## Curves", "",

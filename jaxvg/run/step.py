@@ -56,6 +56,7 @@ class StepParts:
   teacher_pass: Callable | None = None
   distill_step: Callable | None = None
   vigos_spans: Callable | None = None
+  gradient_probe: Callable | None = None  # teachers.make_gradient_probe (distill.gradient_stats_every > 0)
   distill_cfs: tuple[str, ...] = ()  # the counterfactual prompts the teachers read
   contexts: tuple[str, ...] = ()     # the privileged contexts the teachers read
 
@@ -199,10 +200,15 @@ def assign_credit(parts: StepParts, state, prepared: list[dict]) -> tuple[list[d
 # ---------------------------------------------------------------------------------------------------------- update
 
 
-def update_policy(parts: StepParts, state, prepared: list[dict], *, probe=None) -> tuple[Any, list[dict]]:
+def update_policy(parts: StepParts, state, prepared: list[dict], *, step: int = 0,
+                  probe=None) -> tuple[Any, list[dict]]:
   """(state, each update's metrics): `algo.epochs` passes over the micro-batches, split into `algo.minibatches`
-  updates; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first."""
+  updates; `probe(state, teacher, micro)`, when given, sees each distillation update's inputs first. On every
+  `distill.gradient_stats_every`-th step the first update's metrics also hold VGS's gradient statistics (vgs/grad/*),
+  measured before it."""
   cfg, step_metrics = parts.cfg, []
+  every = cfg.distill.gradient_stats_every
+  measure = parts.gradient_probe is not None and every > 0 and step % every == 0
   if not prepared:
     return state, step_metrics
   chunks = np.array_split(np.arange(len(prepared)), min(cfg.algo.minibatches, len(prepared)))
@@ -217,10 +223,15 @@ def update_policy(parts: StepParts, state, prepared: list[dict], *, probe=None) 
         micro = distill_batches(parts, micro_parts, micro)
         if probe is not None:
           probe(state, parts.teacher, micro)
+        grad_stats = {}
+        if measure and not step_metrics:
+          grad_stats = {f"vgs/grad/{k}": v for k, v in parts.gradient_probe(state, parts.teacher, micro).items()}
         state, m = parts.distill_step(state, parts.teacher, micro)
+        m = {**hosts.fetch(m), **grad_stats}
       else:
         state, m = parts.policy_step(state, micro)
-      step_metrics.append(hosts.fetch(m))
+        m = hosts.fetch(m)
+      step_metrics.append(m)
   return state, step_metrics
 
 
@@ -316,7 +327,7 @@ def rl_step(parts: StepParts, state, data_iter, key, *, step: int, probe=None):
   ts = time.time()
   if not prepared:
     log.warning("step %d: no informative group was sampled; no update", step)
-  state, updates = update_policy(parts, state, prepared, probe=probe)
+  state, updates = update_policy(parts, state, prepared, step=step, probe=probe)
   times["update"] = time.time() - ts
   agg = step_metrics(parts, state, drawn, prepared, updates, credit_metrics, ds_stats, times)
   agg["time/step"] = time.time() - t0

@@ -181,6 +181,11 @@ def _distill(cfg: experiment.Config):
     teachers.vigos_config(d)
   if d.method == "vgs":
     teachers.vgs_config(d)
+  if d.gradient_stats_every < 0:
+    raise ValueError(f"distill.gradient_stats_every={d.gradient_stats_every} must be >= 0 (0: never)")
+  if d.gradient_stats_every and d.method != "vgs":
+    raise ValueError(f"distill.gradient_stats_every measures VGS's gradients g_Std, g_Vis and g_Lang: it needs "
+                     f"distill.method='vgs', not {d.method!r}")
   if d.palr and d.method not in ("opsd", "vigos"):
     raise ValueError(f"distill.palr measures a privileged teacher's answer leakage: it needs distill.method opsd or "
                      f"vigos, not {d.method!r}")
