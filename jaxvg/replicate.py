@@ -68,7 +68,10 @@ METHODS = (
     Method("PGPO-DAPO", "pgpo_demo.py", (), baseline="DAPO"),
     Method("PACR", "pacr_demo.py", (), baseline="GRPO"),
     Method("PDCR", "pdcr_demo.py", (), baseline="PACR"),
-    Method("OPSD", "opsd_demo.py", ("distill.palr=true",), baseline="GRPO"),  # PALR: the mechanisms table
+    # GRPO from OPSD's and ViGOS's warm start (their describe-then-reason format): OPSD's paired baseline, so that
+    # its comparison holds the method alone, not the gap between the two warm starts.
+    Method("GRPO (ViGOS format)", "vigos_demo.py", ("distill.method=none", "distill.teacher_sft_steps=0", *_GRPO)),
+    Method("OPSD", "opsd_demo.py", ("distill.palr=true",), baseline="GRPO (ViGOS format)"),  # PALR: mechanisms
     Method("ViGOS", "vigos_demo.py", ("distill.palr=true",), baseline="OPSD"),
     Method("OPD", "opd_demo.py", (), baseline="GRPO"),
     Method("VGS", "vgs_demo.py", ("distill.gradient_stats_every=5",), baseline="OPD"),  # the g_Lang-g_Vis angle
