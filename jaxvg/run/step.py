@@ -219,19 +219,17 @@ def update_policy(parts: StepParts, state, prepared: list[dict], *, step: int = 
       micro = tuple(update.PolicyBatch(d["prompt"], d["tokens"], d["mask"], d["logp_old"], d["adv"], d["logp_ref"],
                                        jnp.asarray(w, jnp.float32))
                     for d, w in zip(micro_parts, weights))
+      grad_stats = {}
       if parts.distilling:
         micro = distill_batches(parts, micro_parts, micro)
         if probe is not None:
           probe(state, parts.teacher, micro)
-        grad_stats = {}
         if measure and not step_metrics:
           grad_stats = {f"vgs/grad/{k}": v for k, v in parts.gradient_probe(state, parts.teacher, micro).items()}
         state, m = parts.distill_step(state, parts.teacher, micro)
-        m = {**hosts.fetch(m), **grad_stats}
       else:
         state, m = parts.policy_step(state, micro)
-        m = hosts.fetch(m)
-      step_metrics.append(m)
+      step_metrics.append({**hosts.fetch(m), **grad_stats})
   return state, step_metrics
 
 
