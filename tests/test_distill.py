@@ -86,7 +86,9 @@ def _cfg(**distill_kwargs) -> Config:
 
 
 @pytest.mark.parametrize("kwargs, overrides, match", [
-    (dict(method="vigos"), {}, "prompt_format='vigos'"),
+    (dict(method="vigos"), {}, r"describe-then-reason student format \(vigos, vigos_brief\), got "
+                               "data.prompt_format='pgpo'"),
+    (dict(method="vigos"), {"data": DataCfg(prompt_format="vigos_reference_teacher")}, "vigos_reference_teacher"),
     (dict(method="opd"), {"algo": experiment.AlgoCfg(dynamic_sampling=True)}, "dynamic_sampling=False"),
     (dict(method="opd"), {"credit": experiment.CreditCfg(method="pgpo")}, "credit.method"),
     (dict(method="opsd", teacher_context="vigos_reasoning_teacher"), {}, "prefills"),
@@ -100,6 +102,12 @@ def _cfg(**distill_kwargs) -> Config:
 def test_invalid_distillation_configs_name_the_problem(kwargs, overrides, match):
   with pytest.raises(ValueError, match=match):
     validation.validate(dataclasses.replace(_cfg(**kwargs), **overrides))
+
+
+@pytest.mark.parametrize("fmt", ["vigos", "vigos_brief"])
+def test_vigos_accepts_both_student_instructions(fmt):
+  cfg = _cfg(method="vigos")
+  validation.validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompt_format=fmt)))
 
 
 # ---------------------------------------------------------------------------------------------------------- losses

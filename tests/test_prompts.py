@@ -52,6 +52,17 @@ def test_vigos_student_prompt():
   assert [s.open for s in prompts.VIGOS.sections] == ["<description>", "<think>"]
 
 
+def test_vigos_brief_is_the_student_layout_with_a_one_line_instruction():
+  messages = prompts.build_messages("<image>How many stars?", fmt=prompts.VIGOS_BRIEF)
+  assert len(messages) == 1 and messages[0]["content"][0] == {"type": "image"}
+  assert messages[0]["content"][1]["text"] == ("Problem: How many stars?\n\nDescribe the image in <description> "
+                                               "</description>, reason in <think> </think>, then answer in \\boxed{}.")
+  assert (prompts.VIGOS_BRIEF.prefill, prompts.VIGOS_BRIEF.sections) == (prompts.VIGOS.prefill,
+                                                                         prompts.VIGOS.sections)
+  layouts = {name for name, fmt in prompts.FORMATS.items() if prompts.describes_then_reasons(fmt)}
+  assert layouts == {"vigos", "vigos_brief"}  # the reference teacher has the layout but reads the answer
+
+
 def test_vigos_teachers_need_reference():
   with pytest.raises(ValueError, match="reference"):
     prompts.build_messages("<image>How many stars?", fmt=prompts.VIGOS_REASONING_TEACHER)

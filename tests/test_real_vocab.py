@@ -405,16 +405,17 @@ def hand_prompt(name: str, problem: str = PROBLEM, reference: str = "5") -> str:
   if name == "vgs":
     return (f"<|im_start|>system\n{VGS_SYSTEM}<|im_end|>\n<|im_start|>user\n{IMAGE * problem.count('<image>')}"
             f"{question}<|im_end|>\n<|im_start|>assistant\n")
-  prefill = {"vigos": "<description>", "vigos_reasoning_teacher": "<think>",
+  prefill = {"vigos": "<description>", "vigos_brief": "<description>", "vigos_reasoning_teacher": "<think>",
              "vigos_reference_teacher": "<description>"}[name]
   return (DEFAULT_SYSTEM + "<|im_start|>user\n" + IMAGE * problem.count("<image>") + user +
           "<|im_end|>\n<|im_start|>assistant\n" + prefill)
 
 
-FORMAT_NAMES = ("pgpo", "vgs", "vigos", "vigos_reasoning_teacher", "vigos_reference_teacher")
+FORMAT_NAMES = ("pgpo", "vgs", "vigos", "vigos_brief", "vigos_reasoning_teacher", "vigos_reference_teacher")
 COMPLETIONS = {"pgpo": "<think>\nThe image shows a right triangle.\n\nSo AC = 5.\n</think>\n\\boxed{5}",
                "vgs": "<reason>\nAC = √(9 + 16) = 5.\n</reason>\n\\boxed{5}",
                "vigos": "\nA right triangle, legs 3 and 4.\n</description>\n<think>\nAC = 5.\n</think>\n\\boxed{5}",
+               "vigos_brief": " Legs 3 and 4.\n</description>\n<think>\nAC = 5.</think>\n\\boxed{5}",
                "vigos_reasoning_teacher": "\nBy Pythagoras AC = 5.\n</think>\n\\boxed{5}",
                "vigos_reference_teacher": " Legs 3 and 4.</description>\n<think>AC = 5.</think>\n\\boxed{5}"}
 

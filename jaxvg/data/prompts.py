@@ -13,6 +13,10 @@ Formats (exact texts from the papers' prompts and the ViGOS code, see the method
   vigos   ViGOS student: no system turn (the template's default), image first, then the three-part instruction;
           the assistant turn is prefilled with "<description>";
           completion `... </description> <think> ... </think> \\boxed{answer}`.
+  vigos_brief  the ViGOS student's layout (image first, "<description>" prefilled, the same sections) with a
+          one-line instruction, for small models: on the synthetic testbed's 4-layer decoder the paper's 130-token
+          instruction between the image and the completion leaves the student answering from the text prior
+          (docs/analysis.md, "The two warm starts of the replication").
   vigos_reasoning_teacher / vigos_reference_teacher: the privileged ViGOS teachers (they also see the reference
           answer); prefills "<think>" and "<description>".
 """
@@ -100,6 +104,19 @@ VIGOS = PromptFormat(
     images_first=True,
 )
 
+VIGOS_BRIEF = dataclasses.replace(
+    VIGOS, name="vigos_brief",
+    user_template=("Problem: {question}\n\nDescribe the image in <description> </description>, reason in <think> "
+                   "</think>, then answer in \\boxed{}."))
+
+
+def describes_then_reasons(fmt: PromptFormat) -> bool:
+  """True for a ViGOS student layout: "<description>" prefilled, then the description and the reasoning sections, and
+  no privileged reference in the prompt."""
+  return (fmt.prefill == VIGOS.prefill and fmt.sections == VIGOS.sections and fmt.images_first
+          and "{reference}" not in fmt.user_template)
+
+
 _VIGOS_TRANSITION = (
     "\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind each step; "
     "do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same final answer "
@@ -146,7 +163,7 @@ RAW = PromptFormat(
     images_first=False,
 )
 
-FORMATS = {f.name: f for f in (PGPO, VGS, VIGOS, VIGOS_REASONING_TEACHER, VIGOS_REFERENCE_TEACHER, RAW)}
+FORMATS = {f.name: f for f in (PGPO, VGS, VIGOS, VIGOS_BRIEF, VIGOS_REASONING_TEACHER, VIGOS_REFERENCE_TEACHER, RAW)}
 
 
 def get_format(name: str) -> PromptFormat:

@@ -176,8 +176,10 @@ def _distill(cfg: experiment.Config):
                        f"student's format {student_fmt.name!r} prefills {student_fmt.prefill!r}: the teacher must "
                        "score the same completion tokens")
   if d.method == "vigos":
-    if cfg.data.prompt_format != "vigos":
-      raise ValueError(f"distill.method='vigos' needs data.prompt_format='vigos', got {cfg.data.prompt_format!r}")
+    if not prompts.describes_then_reasons(prompts.get_format(cfg.data.prompt_format)):
+      layouts = sorted(n for n, f in prompts.FORMATS.items() if prompts.describes_then_reasons(f))
+      raise ValueError(f"distill.method='vigos' needs a describe-then-reason student format ({', '.join(layouts)}), "
+                       f"got data.prompt_format={cfg.data.prompt_format!r}")
     teachers.vigos_config(d)
   if d.method == "vgs":
     teachers.vgs_config(d)
