@@ -40,3 +40,13 @@ def test_worker_processes_give_the_loops_batches_and_resume():
 def test_worker_count_does_not_change_what_a_warm_start_reads():
   a, b = experiment.DataCfg(), experiment.DataCfg(worker_count=2)
   assert a.identity() == b.identity() and a.identity() != experiment.DataCfg(seed=1).identity()
+
+
+def test_a_truthful_teacher_keeps_the_warm_start_identity_of_before_the_option():
+  """teacher_error=0 leaves the identity exactly what it was without the field, so warm starts stay reusable; any
+  other rate is another warm start."""
+  cfg = experiment.DataCfg()
+  without = repr(cfg).replace("teacher_error=0.0, ", "").replace(", worker_count=0", "").replace(
+      ", image_backend='fast'", "")
+  assert "teacher_error" not in without and cfg.identity() == without
+  assert experiment.DataCfg(teacher_error=0.5).identity() != cfg.identity()

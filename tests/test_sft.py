@@ -57,3 +57,20 @@ def test_perception_loss_is_the_probes_cross_entropy():
     np.testing.assert_allclose(m[f"perception_acc_{sft._PROBE_HEADS[h]}"], acc, rtol=1e-6)
     start += n
   np.testing.assert_allclose(loss, want, rtol=1e-4)
+
+
+def test_reference_batches_imitate_the_fallible_teacher():
+  """With `data.teacher_error=1` the warm start's targets end in the teacher's answer (the first item it described),
+  not in the graded answer: a `largest` record whose first item is small is learned wrongly."""
+  cfg = config_lib.apply_overrides(config_lib.load_config(CONFIG), TINY + ["data.teacher_error=1.0"])
+  tokenizer, model = builders.build_model(cfg.model, cfg.data)
+  src = builders.source(cfg.data, "train")
+  starts = [i for i in range(2, 200, 5) if src[i]["solution"]["scene"][0]["shape"] != src[i]["answer"]][:3]
+  assert len(starts) == 3
+  for i in starts:
+    _, tokens, weight = next(sft.reference_batches(cfg, tokenizer, model.cfg, start=i))
+    text = tokenizer.decode(tokens[0][weight[0] > 0])
+    first = src[i]["solution"]["scene"][0]
+    assert text.rstrip().removesuffix("<|im_end|>").endswith("\\boxed{" + first["shape"] + "}"), text
+    assert f"the largest shape is the {first['shape']}." in text
+    assert "\\boxed{" + src[i]["answer"] + "}" not in text

@@ -314,7 +314,8 @@ def test_source_is_lazy_random_access():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"grid": 4}, "grid"), ({"image_size": 40}, "image_size"), ({"tasks": ("count", "ocr")}, "tasks"),
-    ({"tasks": ()}, "tasks"), ({"seed": -1}, "seed")])
+    ({"tasks": ()}, "tasks"), ({"seed": -1}, "seed"), ({"teacher_error": 1.5}, "teacher_error"),
+    ({"teacher_error": -0.1}, "teacher_error")])
 def test_bad_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SyntheticConfig(**kwargs)
@@ -350,3 +351,52 @@ def test_cell_labels_name_the_item_under_each_token():
             assert names["size"][size] == item["size"]
             assert names["digit"][digit] == ("none" if item["digit"] is None else str(item["digit"]))
   assert synthetic.cell_label_sizes(3) == (6, 8, 4, 11, 3, 3)
+
+
+# ------------------------------------------------------------------------------------------- the fallible teacher
+
+
+def _first_in_reading_order(record, grid=3):
+  """The shape of the top-most, then left-most item, read from the pixels."""
+  return min(scene_from_pixels(record["images"][0], grid), key=lambda it: (it["row"], it["col"]))["shape"]
+
+
+def test_fallible_teacher_rewrites_only_the_train_references():
+  """teacher_error=1: every `largest` train reference names the first item in reading order (read from the pixels),
+  while the image, the graded answer and the perception steps stay those of the truthful teacher; held-out
+  references never change."""
+  lying, honest = SyntheticConfig(teacher_error=1.0), SyntheticConfig()
+  fmt = prompts.get_format("pgpo")
+  wrong = 0
+  for i in range(2, 5 * 24, 5):  # the `largest` records
+    got, want = make_record(i, split="train", cfg=lying), make_record(i, split="train", cfg=honest)
+    assert got["images"][0].tobytes() == want["images"][0].tobytes()
+    assert got["answer"] == want["answer"] == answer_from_pixels(got, 3)
+    assert got["solution"]["steps"][:-1] == want["solution"]["steps"][:-1]
+    first = _first_in_reading_order(got)
+    assert got["solution"]["reference_answer"] == first
+    assert got["solution"]["steps"][-1]["pieces"][0][0].endswith(f"the largest shape is the {first}.")
+    assert render_solution(got["solution"], first, fmt=fmt).text.endswith("\\boxed{" + first + "}")
+    wrong += first != got["answer"]
+  assert wrong >= 12  # the large item is rarely the first of 2-6 items
+  for split in ("test", "prior_conflict"):
+    for i in range(2, 40, 5):
+      record = make_record(i, split=split, cfg=lying)
+      assert record["solution"]["reference_answer"] == record["answer"] == answer_from_pixels(record, 3)
+
+
+def test_fallible_teacher_rate():
+  """Among `largest` train records whose first item does not have the large item's shape, the reference is wrong at
+  the rate asked (within 4 standard errors); no other task's reference changes, whatever the rate."""
+  q = 0.3
+  cfg = SyntheticConfig(teacher_error=q)
+  wrong = []
+  for i in range(2, 5 * 600, 5):
+    record = make_record(i, split="train", cfg=cfg)
+    if record["solution"]["scene"][0]["shape"] != record["answer"]:
+      wrong.append(record["solution"]["reference_answer"] != record["answer"])
+  wrong = np.asarray(wrong)
+  assert abs(wrong.mean() - q) < 4 * np.sqrt(q * (1 - q) / len(wrong)), (wrong.mean(), len(wrong))
+  for i in (0, 1, 3, 4, 5, 6, 8, 9):  # count, color, spatial, digit_sum
+    record = make_record(i, split="train", cfg=SyntheticConfig(teacher_error=1.0))
+    assert record["solution"]["reference_answer"] == record["answer"] == answer_from_pixels(record, 3)

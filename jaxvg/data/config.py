@@ -16,7 +16,7 @@ class DataCfg:
   allow_images_outside: bool = False
   eval_path: str | None = None
   tokenizer: str | None = None     # None: the checkpoint's, or the shipped one with a random model
-  prompt_format: str = "pgpo"      # pgpo | vgs | vigos
+  prompt_format: str = "pgpo"      # pgpo | vgs | vigos | vigos_brief (jaxvg.data.prompts)
   num_train: int = 4096            # synthetic records
   num_eval: int = 64
   # The synthetic generator (jaxvg.data.synthetic.SyntheticConfig): image side in pixels, board, task families and
@@ -26,6 +26,9 @@ class DataCfg:
   tasks: tuple[str, ...] = ("count", "color", "largest", "spatial", "digit_sum")
   perception: str = "items"        # items (one perception step per item) | scene (one step for the whole scene)
   cell_tint: int = 24              # near-white cell backgrounds that tell the cell's position (0: a white board)
+  # A fallible teacher for the warm start (SyntheticConfig.teacher_error): the probability that a `largest` train
+  # reference names the first item it described instead of the large one. Graded answers stay true.
+  teacher_error: float = 0.0
   prompts_per_batch: int = 8
   max_prompt_tokens: int = 512
   min_pixels: int = 56 * 56
@@ -43,4 +46,5 @@ class DataCfg:
 
   def identity(self) -> str:
     """The fields that decide what is read (not how fast): warm starts are reused while this is unchanged."""
-    return repr_without(self, "worker_count", "image_backend")
+    truthful = ("teacher_error",) if not self.teacher_error else ()  # warm starts from before the option stay valid
+    return repr_without(self, "worker_count", "image_backend", *truthful)

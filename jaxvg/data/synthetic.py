@@ -21,7 +21,8 @@ Record (the canonical form every reader produces):
   {"id": str, "images": [PIL.Image], "problem": "<image>" + question, "answer": str,
    "source": "synthetic/<split>/<task>", "solution": {...}}
 where solution = {"task", "query", "scene": [item dicts], "steps": [{"label", "pieces": [(text, is_visual)]}],
-"prior_answer": str | None, "image_size", "grid"}; an item is {"shape" (circle|square|triangle|star|digit), "color",
+"prior_answer": str | None, "reference_answer": str (what the reference boxes: the answer unless
+`teacher_error` struck), "image_size", "grid"}; an item is {"shape" (circle|square|triangle|star|digit), "color",
 "size", "digit", "row", "col", "cx", "cy", "box": (x0, y0, x1, y1)}. Perception steps state what is in the image (their
 color, shape, size, position and digit words are visual); reasoning steps work from the text already written (no
 visual pieces). `render_solution` lays the steps out in a prompt format with per-character visual flags and step ids.
@@ -68,6 +69,12 @@ class SyntheticConfig:
     (255 - cell_tint * r, 255, 255 - cell_tint * c) (`cell_background`); 0 draws every cell white. A vision tower
     whose attention is relative (Qwen2.5-VL's 2D RoPE, no absolute position embedding) can then tell where an item is
     from the pixels, as a picture's own context does.
+  teacher_error: a fallible teacher for the supervised warm start. With this probability a `train` record of the
+    `largest` task gets a reference whose reasoning names the first item it described (reading order) instead of the
+    large one ("The only large shape is the blue square, so the largest shape is the square.", the square being
+    small) and boxes that item's shape; its own stream of draws, so nothing else of any record changes. The graded
+    `answer` stays true, as do the references of the held-out splits: a warm start imitates the error, and RL, graded
+    on the truth, can undo it (docs/analysis.md).
   With image_size = 28 * grid every board cell is exactly one merged visual token of Qwen2.5-VL (2 x 2 patches of
   14 pixels): the default.
   """
@@ -77,8 +84,11 @@ class SyntheticConfig:
   tasks: tuple[str, ...] = TASKS
   perception: str = "items"
   cell_tint: int = 24
+  teacher_error: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.teacher_error <= 1.0:
+      raise ValueError(f"teacher_error must be in [0, 1], got {self.teacher_error}")
     if not 0 <= self.cell_tint <= 40:
       raise ValueError(f"cell_tint must be in [0, 40], got {self.cell_tint}")
     if self.seed < 0:
@@ -295,6 +305,14 @@ def _digit_sum(rng, grid, prior):
   return items, question, str(total), {}, reasoning, (prefix, str(wrong), str(wrong)) if prior else None
 
 
+def _first_item_shortcut(items):
+  """The fallible teacher's `largest` reasoning and answer: the first item it described (reading order), whatever
+  its size."""
+  first = items[0]
+  return [_reasoning(f"The only large shape is the {first['color']} {first['shape']}, so the largest shape is the "
+                     f"{first['shape']}.")], first["shape"]
+
+
 _TASK_FNS = {"count": _count, "color": _color, "largest": _largest, "spatial": _spatial, "digit_sum": _digit_sum}
 
 
@@ -434,6 +452,10 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
     prefix, said, prior_answer = prior
     question = f"{prefix} {question}"
     steps.append(_reasoning(f"The question suggests {said}, but the answer has to come from the image."))
+  reference_answer = answer
+  if split == "train" and task == "largest" and cfg.teacher_error:
+    if np.random.default_rng([cfg.seed, split_id, index, 2]).random() < cfg.teacher_error:
+      reasoning, reference_answer = _first_item_shortcut(items)
   steps += reasoning
   return {
       "id": f"synthetic-{cfg.seed}-{split}-{index}",
@@ -442,7 +464,7 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
       "answer": answer,
       "source": f"synthetic/{split}/{task}",
       "solution": {"task": task, "query": query, "scene": items, "steps": steps, "prior_answer": prior_answer,
-                   "image_size": cfg.image_size, "grid": cfg.grid},
+                   "reference_answer": reference_answer, "image_size": cfg.image_size, "grid": cfg.grid},
   }
 
 

@@ -67,7 +67,7 @@ def reference_batches(cfg, tokenizer, model_cfg, *, start: int = 0):
     while len(examples) < B:
       record, example = next(records)
       ref = groundtruth.reference_tokens(
-          tokenizer, synthetic.render_solution(record["solution"], record["answer"], fmt=fmt))
+          tokenizer, synthetic.render_solution(record["solution"], record["solution"]["reference_answer"], fmt=fmt))
       examples.append(example)
       solutions.append(list(ref.token_ids) + [eos])
       visual.append(list(ref.is_visual) + [False])
