@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,7 @@ def test_real_scale_recipes_fit_8_h100(name):
     ("data.source=jsonl", "data.path is empty"),
     ("data.tasks=count,colour", "data.tasks=('count', 'colour')"),
     ("data.length_buckets=128,64", "data.length_buckets=(128, 64): must be increasing"),
+    ("data.teacher_error=1.5", "data.teacher_error=1.5: must lie in [0.0, 1.0]"),
     ("optim.schedule=step", "optim.schedule='step'"),
     ("optim.max_update_ratio=0", "optim.max_update_ratio=0.0"),
     ("sft_optim.lr=-1", "sft_optim.lr=-1.0"),
@@ -209,6 +211,18 @@ def test_the_config_is_validated_before_any_work_with_the_field_named(assignment
   with pytest.raises(validation.ConfigError) as e:
     validation.validate(cfg)
   assert message in str(e.value)
+
+
+@pytest.mark.parametrize("assignments, message", [
+    (["data.tasks=count,color"], "'largest' in data.tasks (got ('count', 'color'))"),
+    (["sft.steps=0", "sft.perception_steps=0"], "sft.steps > 0 (got 0)"),
+])
+def test_a_fallible_teacher_needs_a_warm_start_on_the_largest_task(assignments, message):
+  from jaxvg.run import validation
+  demo = config_lib.load_config(os.path.join(CONFIGS, "demo.py"))
+  validation.validate(config_lib.apply_overrides(demo, ["data.teacher_error=0.6"]))
+  with pytest.raises(validation.ConfigError, match=re.escape(message)):
+    validation.validate(config_lib.apply_overrides(demo, ["data.teacher_error=0.6", *assignments]))
 
 
 def test_group_of_one_is_allowed_where_no_group_baseline_is_used():

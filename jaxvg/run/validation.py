@@ -79,6 +79,11 @@ def validate(cfg: experiment.Config) -> None:
                "max_images"):
     _at_least(f"data.{name}", getattr(d, name), 1)
   _within("data.cell_tint", d.cell_tint, 0, 255)
+  _within("data.teacher_error", d.teacher_error, 0.0, 1.0)
+  if d.teacher_error and (d.source != "synthetic" or "largest" not in d.tasks or not s.steps):
+    raise ConfigError(f"data.teacher_error={d.teacher_error} rewrites the synthetic `largest` references of the "
+                      f"warm start: it needs data.source='synthetic' (got {d.source!r}), 'largest' in data.tasks "
+                      f"(got {d.tasks!r}) and sft.steps > 0 (got {s.steps})")
   _at_least("data.worker_count", d.worker_count, 0)
   _choice("data.image_backend", d.image_backend, processing.IMAGE_BACKENDS)
   if d.max_pixels < d.min_pixels:
