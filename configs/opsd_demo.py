@@ -4,7 +4,9 @@ r"""OPSD on the demo, as ViGOS's baseline: one privileged teacher on every compl
 
 configs/vigos_demo.py's student format, warm start, teacher weights and budget; the teacher reads the privileged
 full-format prompt (problem, reference answer, transition, the three-part format; `<description>` prefilled like
-the student's) and supervises all completion tokens with the forward KL(q_T || p_S), clamped at 0.05 per token.
+the student's) and supervises all completion tokens with the forward KL(q_T || p_S), clamped at 0.05 per token. The
+teacher is trained in the student's format only, and the tiny model reads the privileged prompt badly (docs/results.md,
+the reading of OPSD).
 """
 
 import dataclasses

@@ -6,10 +6,11 @@ The student answers in the ViGOS layout (`<description>` prefilled, then `</desc
 \boxed{}`), asked with a one-line instruction (`vigos_brief`; configs/vigos_3b.py keeps the paper's): under the
 paper's 130-token instruction the demo's 4-layer student answers from the text prior (docs/analysis.md, "The two warm
 starts of the replication"). It is warm-started on the synthetic reference solutions rendered in that layout; the
-teachers are that warm start continued for 300 more supervised steps, each in its own context: image only
-(perception, forward KL on the description span), the privileged reasoning prompt followed by only the student's
-reasoning and answer tokens (forward KL on T_r u T_a), the privileged full-format prompt (reverse KL on every token of
-invalid rollouts).
+teachers are that warm start continued for 300 more supervised steps in the same format, then each read in its own
+context: image only (perception, forward KL on the description span), the privileged reasoning prompt followed by
+only the student's reasoning and answer tokens (forward KL on T_r u T_a), the privileged full-format prompt (reverse
+KL on every token of invalid rollouts). The tiny model never sees the privileged prompts in training and reads them
+badly (docs/results.md, the reading of OPSD).
 Per-token KL clamped at 0.05, lambda 1 / 1 / 2, token means over the step's active-token counts.
 
 `--set distill.palr=true` also logs PALR on the reasoning span (two more reasoning-teacher passes per micro-batch: the
