@@ -1,6 +1,7 @@
 r"""Visual-dependency analysis of a policy: where in a completion, and where in the image, the policy uses the image.
 
-  python -m jaxvg.analysis --run runs/demo [--num 256] [--params final|sft] [--counterfactual white_image]
+  python -m jaxvg.analysis --run runs/demo [--num 256] [--params final|sft|teacher] [--counterfactual white_image]
+  python -m jaxvg.analysis --run runs/opsd_demo --params teacher --prompt-format vigos_reference_teacher
   python -m jaxvg.analysis --hf path/to/hf_dir --config configs/demo.py
 
 For given completions (the synthetic reference solutions of held-out prompts, or sampled rollouts), teacher-forced:
@@ -36,7 +37,7 @@ from flax import nnx
 from jaxvg import evaluate
 from jaxvg.core import config_lib
 from jaxvg.credit import assign, clusters, dependency, groundtruth, pgpo, steps
-from jaxvg.data import processing, synthetic
+from jaxvg.data import processing, prompts, synthetic
 from jaxvg.data import batch as batch_lib
 from jaxvg.data.tokenizer import load_tokenizer
 from jaxvg.distill import divergences
@@ -44,7 +45,8 @@ from jaxvg.rl import advantages, rewards, rollout, scoring
 from jaxvg.rl import config as rl_config
 from jaxvg.run import builders, checkpoint, experiment
 
-PARAMS = ("final", "sft")
+PARAMS = ("final", "sft", "teacher")  # a run's RL result, its warm start, its distillation teacher
+PARAMS_PATHS = {"final": ("final",), "sft": ("sft", "params"), "teacher": ("teacher", "params")}
 SCORED_COUNTERFACTUALS = ("mask_visual", "white_image")  # the counterfactuals that keep the completion's positions
 TRAIN_HINT = "train one with `python -m jaxvg.train --config configs/demo.py`"
 
@@ -94,10 +96,12 @@ class Policy:
 
 
 def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: str | None = None,
-                config_path: str | None = None) -> Policy:
+                config_path: str | None = None, prompt_format: str | None = None) -> Policy:
   """A policy from a run directory (config.json + final/ or sft/params) or from an HF directory (+ a config file).
 
-  `params="final"` reads `run_dir/final` (the end of RL), `"sft"` the warm start `run_dir/sft/params`. A run of a
+  `params="final"` reads `run_dir/final` (the end of RL), `"sft"` the warm start `run_dir/sft/params`, `"teacher"`
+  the distillation teacher `distill.teacher_sft_steps` trained (`run_dir/teacher/params`). `prompt_format` reads the
+  policy in another prompt format than the run's, e.g. a teacher in the privileged context it is read in. A run of a
   preset model is restored onto the abstract model (`nnx.eval_shape`): no random initialization is run first.
   """
   if (run_dir is None) == (hf_dir is None):
@@ -108,12 +112,16 @@ def load_policy(*, run_dir: str | None = None, params: str = "final", hf_dir: st
     if not os.path.isdir(run_dir):
       raise FileNotFoundError(f"run directory {run_dir} does not exist: {TRAIN_HINT}")
     cfg = load_config_json(os.path.join(run_dir, "config.json"))
-    path = os.path.join(run_dir, "final" if params == "final" else os.path.join("sft", "params"))
+    path = os.path.join(run_dir, *PARAMS_PATHS[params])
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"no {params} parameters at {path}: {TRAIN_HINT}")
+      hint = "a run with distill.teacher_sft_steps > 0 writes it" if params == "teacher" else TRAIN_HINT
+      raise FileNotFoundError(f"no {params} parameters at {path}: {hint}")
   else:
     cfg = config_lib.load_config(config_path) if config_path else experiment.Config()
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=hf_dir))
+  if prompt_format is not None:
+    prompts.get_format(prompt_format)  # a ValueError that names the known formats
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prompt_format=prompt_format))
   if run_dir is not None and not cfg.model.hf_path:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = nnx.eval_shape(lambda: builders.build_model(cfg.model, cfg.data)[1])
@@ -578,7 +586,10 @@ def steps_html(tokenizer, maps: DependencyMaps, row: int) -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--run", help="a run directory written by jaxvg.train")
-  parser.add_argument("--params", default="final", choices=PARAMS)
+  parser.add_argument("--params", default="final", choices=PARAMS,
+                      help="the run's final/, its warm start sft/params, or its distillation teacher teacher/params")
+  parser.add_argument("--prompt-format", help="read the policy in this prompt format instead of the run's "
+                      "(jaxvg.data.prompts.FORMATS), e.g. a teacher's privileged context")
   parser.add_argument("--hf", help="a Hugging Face Qwen2.5-VL directory (instead of --run)")
   parser.add_argument("--config", help="the config file for --hf (data and prompt format)")
   parser.add_argument("--num", type=int, default=256, help="held-out synthetic records")
@@ -589,15 +600,16 @@ def main(argv=None) -> dict:
                       help="skip greedy accuracy with the real and the white image (the slowest part)")
   args = parser.parse_args(argv)
   t0 = time.time()
-  policy = load_policy(run_dir=args.run, params=args.params, hf_dir=args.hf, config_path=args.config)
+  policy = load_policy(run_dir=args.run, params=args.params, hf_dir=args.hf, config_path=args.config,
+                       prompt_format=args.prompt_format)
   out = evaluate_groundtruth(policy, num=args.num, batch_size=args.batch_size, split=args.split,
                              counterfactual=args.counterfactual)
   if args.greedy:
     records = heldout_records(policy.config, args.num, split=args.split)
     out["greedy_accuracy"] = greedy_accuracy(policy, records, batch_size=args.batch_size)
     out["greedy_accuracy_white"] = greedy_accuracy(policy, white_image_records(records), batch_size=args.batch_size)
-  out = {"run": args.run or args.hf, "params": args.params if args.run else "hf", "counterfactual": args.counterfactual,
-         "split": args.split, **out, "seconds": round(time.time() - t0, 1)}
+  out = {"run": args.run or args.hf, "params": args.params if args.run else "hf", "prompt_format": policy.fmt.name,
+         "counterfactual": args.counterfactual, "split": args.split, **out, "seconds": round(time.time() - t0, 1)}
   # An AUROC without positives or negatives is NaN: JSON null.
   out = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in out.items()}
   print(json.dumps(out))

@@ -60,7 +60,8 @@ def make_tiny_run(path, cfg: experiment.Config | None = None) -> dict:
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_lib.to_dict(cfg), f)
   saved = {}
-  for name, sub, seed in (("final", "final", 3), ("sft", os.path.join("sft", "params"), 4)):
+  for name, sub, seed in (("final", "final", 3), ("sft", os.path.join("sft", "params"), 4),
+                          ("teacher", os.path.join("teacher", "params"), 5)):
     graphdef, params = random_params(cfg, seed)
     checkpoint.save_params(os.path.join(path, sub), graphdef, params)
     saved[name] = params
@@ -167,9 +168,10 @@ def test_load_config_json_round_trip_and_errors(tmp_path):
     analysis.load_policy()
 
 
-def test_load_policy_reads_final_or_sft_params(run, policy):
+def test_load_policy_reads_final_sft_or_teacher_params(run, policy):
   run_dir, saved = run
-  for name, got in (("final", policy.params), ("sft", analysis.load_policy(run_dir=str(run_dir), params="sft").params)):
+  for name, got in (("final", policy.params), ("sft", analysis.load_policy(run_dir=str(run_dir), params="sft").params),
+                    ("teacher", analysis.load_policy(run_dir=str(run_dir), params="teacher").params)):
     assert jax.tree.structure(got) == jax.tree.structure(saved[name])
     for a, b in zip(jax.tree.leaves(saved[name]), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -453,7 +455,7 @@ def test_cli_prints_one_json_line_on_a_tiny_run(run_dir, policy, capsys):
     assert 0.0 <= out[key] <= 1.0, key
   assert out["mean_kl"] > 0 and out["params"] == "final"
   sft = analysis.main(["--run", str(run_dir), "--params", "sft", "--num", "2", "--batch-size", "2"])
-  assert sft["params"] == "sft" and sft["records"] == 2
+  assert sft["params"] == "sft" and sft["records"] == 2 and sft["prompt_format"] == "pgpo"
   with pytest.raises(FileNotFoundError, match="jaxvg.train"):
     analysis.main(["--run", str(run_dir / "missing")])
 
@@ -477,3 +479,25 @@ def test_greedy_accuracy_matches_a_per_record_greedy_loop(policy):
                                      temperature=0.0).texts
     scores.append(parity_reward(texts[0], r["answer"])["accuracy"])
   assert analysis.greedy_accuracy(pol, records, batch_size=2, max_new_tokens=6) == pytest.approx(np.mean(scores))
+
+
+def test_a_teacher_read_in_its_privileged_context(run_dir, capsys):
+  """--params teacher --prompt-format F reads the teacher's parameters in F: the prompt carries F's text (and the
+  reference answer), the reference solutions the same tokens as in the run's format when F's sections hold them
+  all, and the figures differ from the run's format because the prompt does."""
+  ctx = analysis.load_policy(run_dir=str(run_dir), params="teacher", prompt_format="vigos_reference_teacher")
+  own = analysis.load_policy(run_dir=str(run_dir), params="teacher")
+  assert ctx.fmt.name == "vigos_reference_teacher" and own.fmt.name == "pgpo"
+  record = analysis.heldout_records(ctx.config, 1)[0]
+  batch = analysis.prepare_prompts(ctx, [record])
+  real = np.asarray(batch.prompts.attention_mask_BT)[0] > 0
+  text = ctx.tokenizer.decode(np.asarray(batch.prompts.input_ids_BT)[0][real])
+  assert "=== Reference Solution Begin ===\n" + record["answer"] + "\n" in text
+  assert text.endswith("<|im_start|>assistant\n<description>")
+  args = ["--run", str(run_dir), "--params", "teacher", "--num", "2", "--batch-size", "2", "--no-greedy"]
+  in_ctx = analysis.main([*args, "--prompt-format", "vigos_reference_teacher"])
+  in_own = analysis.main(args)
+  assert (in_ctx["prompt_format"], in_own["prompt_format"]) == ("vigos_reference_teacher", "pgpo")
+  assert in_ctx["mean_kl"] != in_own["mean_kl"]
+  with pytest.raises(ValueError, match="unknown prompt format 'vigos_teacher'"):
+    analysis.load_policy(run_dir=str(run_dir), params="teacher", prompt_format="vigos_teacher")
