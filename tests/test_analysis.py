@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jaxvg import analysis
+from jaxvg import analysis, views
 from jaxvg.core import config_lib
 from jaxvg.credit import groundtruth
 from jaxvg.data import synthetic
@@ -416,13 +416,13 @@ def test_tokens_html_escapes_and_scales(policy):
   tok = policy.tokenizer
   ids = tok("<think>\nred</think>", add_special_tokens=False)["input_ids"]
   scores = np.linspace(0.0, 2.0, len(ids))
-  out = analysis.tokens_html(tok, ids, scores, label="row 0")
+  out = views.tokens_html(tok, ids, scores, label="row 0")
   assert out.count("<span") == len(ids)
   # Without the markup the text reads back exactly, and every "<" / ">" of the completion was escaped.
   text = re.sub(r"</?(span|div|b)[^>]*>", "", out)
   assert "<" not in text and ">" not in text and html.unescape(text) == "row 0<think>\nred</think>"
   assert "rgba(220, 38, 38, 0.850)" in out and "rgba(220, 38, 38, 0.000)" in out  # max and min score
-  masked = analysis.tokens_html(tok, ids, scores, np.arange(len(ids)) < 2)
+  masked = views.tokens_html(tok, ids, scores, np.arange(len(ids)) < 2)
   assert masked.count("<span") == 2
 
 

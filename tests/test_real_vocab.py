@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import qwen25vl_tokenizer
-from jaxvg import analysis
+from jaxvg import views
 from jaxvg.credit import assign, confidence, steps
 from jaxvg.data import prompts
 from jaxvg.data.tokenizer import load_tokenizer
@@ -468,7 +468,7 @@ def test_tokens_html_escapes_and_reads_back(vocab):
     scores = np.linspace(0.0, 1.0, len(ids) + 2)
     tokens = np.array(ids + [vocab.eos[1]] * 2)
     mask = np.arange(len(tokens)) < len(ids)
-    out = analysis.tokens_html(vocab.tok, tokens, scores, mask, label="row <0>")
+    out = views.tokens_html(vocab.tok, tokens, scores, mask, label="row <0>")
     spans = re.findall(r'<span title="[^"]*" style="[^"]*">(.*?)</span>', out, re.S)
     assert len(spans) == len(ids) and out.count("<span") == len(ids)
     assert all("<" not in s and ">" not in s and '"' not in s for s in spans)
@@ -498,7 +498,7 @@ def test_steps_html_shows_the_steps_of_the_text(vocab):
                                step_v_NC=np.zeros((N, C)), step_kl_NC=np.zeros((N, C)),
                                step_len_NC=np.zeros((N, C)), threshold=0.0)
   for n, ids in enumerate(rows):
-    out = analysis.steps_html(vocab.tok, maps, n)
+    out = views.steps_html(vocab.tok, maps, n)
     cells = re.findall(r"<td style='text-align:left'>(.*?)</td></tr>", out, re.S)
     assert all("<" not in c and ">" not in c for c in cells)
     texts = [vocab.texts[i] for i in ids]
