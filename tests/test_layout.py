@@ -8,7 +8,9 @@ import jaxvg
 
 PACKAGE = pathlib.Path(jaxvg.__file__).parent
 LOWER = ("models", "data", "rl", "credit", "distill", "core")
-COMMANDS = tuple(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+TOP = tuple(sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"))
+# A command (python -m jaxvg.<name>) is a top-level module with a __main__ guard; the others are libraries.
+COMMANDS = tuple(m for m in TOP if 'if __name__ == "__main__":' in (PACKAGE / f"{m}.py").read_text())
 UPPER = ("jaxvg.run", "jaxvg.benchmarks") + tuple(f"jaxvg.{c}" for c in COMMANDS)
 
 
@@ -25,6 +27,7 @@ def _imports(path: pathlib.Path) -> list[str]:
 
 def test_the_commands_are_the_modules_at_the_top():
   assert sorted(COMMANDS) == ["analysis", "calibrate", "evaluate", "export", "memory_plan", "replicate", "train"]
+  assert sorted(set(TOP) - set(COMMANDS)) == ["views"]
 
 
 def _upward(path: pathlib.Path) -> list[str]:
@@ -35,6 +38,12 @@ def _upward(path: pathlib.Path) -> list[str]:
 def test_lower_layers_never_import_the_run_layer_or_the_commands():
   offenders = [f"{path.relative_to(PACKAGE)} imports {name}" for folder in LOWER
                for path in sorted((PACKAGE / folder).glob("*.py")) for name in _upward(path)]
+  assert not offenders, "\n".join(offenders)
+
+
+def test_the_top_level_libraries_import_no_command():
+  offenders = [f"{m}.py imports {name}" for m in sorted(set(TOP) - set(COMMANDS))
+               for name in _upward(PACKAGE / f"{m}.py")]
   assert not offenders, "\n".join(offenders)
 
 
