@@ -19,8 +19,10 @@ r"""Replication: every method x seed from one shared warm start and one rollout 
    Every run also evaluates every `--eval-every` RL steps (train.eval_every) and measures its dependency on
    `--dependency-records` reference solutions at each evaluation (train.eval_dependency): its curves.
 4. `--results` (default <out>/results.md; `--results docs/results.md` publishes it) gets each method's accuracies, the
-   mean over seeds and prompts with a 95 % bootstrap interval; each method against its baseline on the same seeds and
-   prompts: the paired difference, its interval, a verdict and the minimum detectable difference (`jaxvg.run.stats`);
+   mean over seeds and prompts with a 95 % bootstrap interval, overall and by task family; each method against its
+   baseline on the same seeds and prompts: the paired difference, its interval, a verdict and the minimum detectable
+   difference (`jaxvg.run.stats`); with `--set data.teacher_error=q` (a fallible teacher for the warm start), the
+   same on the task it taught wrong and on the others, with the prompts RL turned right and wrong;
    the papers' mechanisms as measured (`run_mechanisms`); the methods' mean curves, drawn into <page>_curves.png
    beside the page; cost and analysis figures (mean ± sample standard deviation over seeds); the machine, date and
    wall time.
@@ -47,6 +49,7 @@ import time
 
 import numpy as np
 
+from jaxvg.data.synthetic import TEACHER_ERROR_TASK
 from jaxvg.run.results_page import EVAL_CURVES, SPLITS, aggregate, plot_curves, render_results
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -170,9 +173,9 @@ def _resolve(spec):
 
 def heldout_scores(cfg, graphdef, params, tokenizer, model_cfg, *, split: str, num: int,
                    white_image: bool = False) -> dict | None:
-  """{"ids": ids_P, "scores": scores_P}: each prompt's accuracy on the first `num` records of a synthetic split ("test":
-  the run's held-out split, or "prior_conflict"), in record order; `white_image`: the same records with white images.
-  None when the data is not synthetic."""
+  """{"ids": ids_P, "scores": scores_P, "tasks": tasks_P}: each prompt's accuracy and task family on the first `num`
+  records of a synthetic split ("test": the run's held-out split, or "prior_conflict"), in record order;
+  `white_image`: the same records with white images. None when the data is not synthetic."""
   from jaxvg import evaluate
   from jaxvg.data import pipeline, synthetic
   from jaxvg.rl import rewards
@@ -188,8 +191,9 @@ def heldout_scores(cfg, graphdef, params, tokenizer, model_cfg, *, split: str, n
                              reward_fn=rewards.load_reward_fn(cfg.algo.reward_fn),
                              max_new_tokens=cfg.rollout.max_new_tokens,
                              stop_token_ids=builders.stop_token_ids(tokenizer), greedy=cfg.train.eval_greedy)
-  ids_P = [i for b in batches for i, valid in zip(b.ids, np.asarray(b.prompts.valid_B)) if valid]
-  return {"ids": ids_P, "scores": scores_P.tolist()}
+  rows = [(i, src) for b in batches for i, src, valid in zip(b.ids, b.sources, np.asarray(b.prompts.valid_B)) if valid]
+  return {"ids": [i for i, _ in rows], "scores": scores_P.tolist(),
+          "tasks": [src.rsplit("/", 1)[-1] for _, src in rows]}  # a record's source is "synthetic/<split>/<task>"
 
 
 def per_prompt(cfg, graphdef, params, tokenizer, model_cfg, *, num: int) -> dict[str, dict | None]:
@@ -506,10 +510,12 @@ def main(argv=None):
     w["methods"] = [r["spec"]["method"] for r in results if r["spec"]["warm_dir"] == w["spec"]["out_dir"]]
   command = shlex.join(["python", "-m", "jaxvg.replicate", *(sys.argv[1:] if argv is None else argv)])
   summary = aggregate(results)
+  rates = sorted({_resolve(r["spec"]).data.teacher_error for r in results} - {0.0})
   curves_png = os.path.splitext(results_path)[0] + "_curves.png"
   os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
   text = render_results(summary, methods=methods, warm=warm, command=command,
                         curves_png=curves_png if plot_curves(summary, curves_png) else None,
+                        taught=(TEACHER_ERROR_TASK, ", ".join(f"{q:g}" for q in rates)) if rates else None,
                         budgets={r["spec"]["method"]: r["budget"] for r in results},
                         machine=describe_machine([r["device"] for r in results]),
                         date=datetime.date.today().isoformat(), wall_s=time.time() - t0,

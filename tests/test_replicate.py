@@ -270,6 +270,64 @@ def test_render_results_table():
           "0.000 [0.000, 0.000], white-image n/a.") in lines
   assert "| GRPO | configs/demo.py | algo.name=grpo, x.y=1 | 8 x 8 | 96 |" in lines
   assert "| DAPO | configs/demo.py |  | 4 x 16 | 128 |" in lines
+  assert "## By task" not in text and "## The taught error" not in text  # no tasks recorded, no teacher error
+
+
+TASKS6 = ("count", "largest") * 3
+
+
+def _tasked(method, seed, test):
+  r = _result(method, seed, test, white=[0] * 6, ids=[f"p{i}" for i in range(6)])
+  r["spec"]["warm_dir"] = "/x/warm_start/abc"
+  for split in results_page.SPLITS:
+    r["per_prompt"][split]["tasks"] = list(TASKS6)
+  return r
+
+
+def test_render_results_by_task_and_the_taught_error():
+  results = [_tasked("GRPO", 0, [0, 1, 1, 0, 1, 1]), _tasked("GRPO", 1, [0, 0, 1, 1, 0, 1]),
+             _tasked("DAPO", 0, [1, 1, 1, 1, 1, 1]), _tasked("DAPO", 1, [0, 1, 0, 1, 1, 1])]
+  # A warm result written before tasks were recorded: its prompts' tasks come from the runs' (the same ids).
+  ids = [f"p{i}" for i in range(6)]
+  warm = [{"spec": {"out_dir": "/x/warm_start/abc"}, "methods": ["GRPO", "DAPO"],
+           "per_prompt": {"test": _entry([0, 0, 1, 0, 1, 1], ids), "prior_conflict": _entry([0] * 6, ids),
+                          "white": _entry([0] * 6, ids)}}]
+  methods = [replicate.Method("GRPO", "demo.py", ()), replicate.Method("DAPO", "demo.py", (), baseline="GRPO")]
+  budget = {"steps": 20, "prompts_per_batch": 8, "group_size": 8, "max_new_tokens": 96}
+  summary = results_page.aggregate(results)
+  largest = summary["DAPO"]["test"].where("largest".__eq__)
+  assert largest.ids == ("p1", "p3", "p5") and largest.scores_SP.tolist() == [[1, 1, 1], [1, 1, 1]]
+  kw = dict(methods=methods, warm=warm, budgets={"GRPO": budget, "DAPO": budget}, command="c", machine="m",
+            date="d", wall_s=1.0, jobs_s=1.0)
+  lines = results_page.render_results(summary, taught=("largest", "0.6"), **kw).splitlines()
+  # By task, by hand: count is prompts p0, p2, p4, largest p1, p3, p5. The warm start: count (0 + 1 + 1) / 3,
+  # largest (0 + 0 + 1) / 3. GRPO: count (0 + 1 + 1 + 0 + 1 + 0) / 6, largest (1 + 0 + 1 + 0 + 1 + 1) / 6. DAPO: count
+  # (1 + 1 + 1 + 0 + 0 + 1) / 6, largest 6 / 6. Every white image scores 0.
+  head = lines.index("| policy | count (3) | largest (3) |")
+  assert lines[head + 2:head + 5] == ["| W1 (warm start) | 0.667 / 0.000 | 0.333 / 0.000 |",
+                                      "| GRPO | 0.500 / 0.000 | 0.667 / 0.000 |",
+                                      "| DAPO | 0.667 / 0.000 | 1.000 / 0.000 |"]
+  # The taught error: largest from the warm start's [0, 0, 1]. GRPO's seeds [1, 0, 1] and [0, 1, 1] each turn one
+  # prompt right; DAPO's [1, 1, 1] twice turn two. The other tasks from [0, 1, 1]: GRPO [0, 1, 1] and [0, 1, 0]
+  # (one lost), DAPO [1, 1, 1] (one gained) and [0, 0, 1] (one lost).
+  rows = {line.split(" | ")[0]: line.split(" | ") for line in lines if line.startswith(("| GRPO | 2 |", "| DAPO | 2 |"))
+          and "->" in line}
+  assert rows["| GRPO"][2].startswith("0.333 -> 0.667 [") and rows["| GRPO"][3] == "2 / 0"
+  assert rows["| GRPO"][4].startswith("0.667 -> 0.500 [") and rows["| GRPO"][5] == "0 / 1 |"
+  assert rows["| DAPO"][2] == "0.333 -> 1.000 [1.000, 1.000]" and rows["| DAPO"][3] == "4 / 0"
+  assert rows["| DAPO"][4].startswith("0.667 -> 0.667 [") and rows["| DAPO"][5] == "1 / 1 |"
+  # DAPO - GRPO, paired: largest (0, 1, 0) and (1, 0, 0), mean 2 / 6; count (1, 0, 0) and (0, -1, 1), mean 1 / 6.
+  (versus,) = [line for line in lines if line.startswith("| DAPO | GRPO | 2 |") and line.count("|") == 10
+               and "+0.333" in line]
+  cells = versus.split(" | ")
+  assert cells[3].startswith("+0.333 [") and cells[6].startswith("+0.167 [")
+  assert "`data.teacher_error=0.6`" in "\n".join(lines)
+  untaught = results_page.render_results(summary, **kw)
+  assert "## By task" in untaught and "## The taught error" not in untaught
+  with pytest.raises(ValueError, match="the seeds of GRPO disagree on the tasks of the test prompts"):
+    other = _tasked("GRPO", 1, [0] * 6)
+    other["per_prompt"]["test"]["tasks"] = ["count"] * 6
+    results_page.aggregate([results[0], other])
 
 
 def _table(**series):
@@ -467,11 +525,14 @@ def test_driver_end_to_end_two_methods_one_seed(tmp_path):
     assert r["accuracy_before"] == warm["accuracy"]
     # Per-prompt scores, 0/1, on the first --eval-prompts records of each split, in record order (the synthetic
     # generator names record i of a split synthetic-<data seed>-<split>-<i>); white: the held-out records again.
-    seed = replicate._resolve(r["spec"]).data.seed
+    # Record i's task family is tasks[i % len(tasks)] (the generator's round robin).
+    data = replicate._resolve(r["spec"]).data
+    seed, tasks = data.seed, [data.tasks[i % len(data.tasks)] for i in range(2)]
     for entry in (r, warm):
       pp = entry["per_prompt"]
       assert pp["test"]["ids"] == pp["white"]["ids"] == [f"synthetic-{seed}-test-{i}" for i in range(2)]
       assert pp["prior_conflict"]["ids"] == [f"synthetic-{seed}-prior_conflict-{i}" for i in range(2)]
+      assert all(pp[split]["tasks"] == tasks for split in results_page.SPLITS)
       assert all(x in (0.0, 1.0) for split in results_page.SPLITS for x in pp[split]["scores"])
     # train.run's own evaluation after RL scored the same 2 held-out records (data.num_eval=2) with the same weights
     assert np.mean(r["per_prompt"]["test"]["scores"]) == r["accuracy_after"] == r["heldout_after"]

@@ -43,6 +43,7 @@ DIGIT_COLOR = ("black", (20, 20, 20))
 BACKGROUND = (255, 255, 255)
 SIZES = {"small": 0.38, "medium": 0.62, "large": 0.9}  # side of an item's bounding box / side of a cell
 TASKS = ("count", "color", "largest", "spatial", "digit_sum")
+TEACHER_ERROR_TASK = "largest"  # the task whose train references `SyntheticConfig.teacher_error` rewrites
 SPLITS = ("train", "test", "prior_conflict")
 HELDOUT_BUCKETS = 8  # a layout is held out when sha256(key) % HELDOUT_BUCKETS == 0
 MAX_ITEMS = 6
@@ -453,7 +454,7 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
     question = f"{prefix} {question}"
     steps.append(_reasoning(f"The question suggests {said}, but the answer has to come from the image."))
   reference_answer = answer
-  if split == "train" and task == "largest" and cfg.teacher_error:
+  if split == "train" and task == TEACHER_ERROR_TASK and cfg.teacher_error:
     if np.random.default_rng([cfg.seed, split_id, index, 2]).random() < cfg.teacher_error:
       reasoning, reference_answer = _first_item_shortcut(items)
   steps += reasoning

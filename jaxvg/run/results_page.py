@@ -43,10 +43,18 @@ def mean_spread(values) -> tuple[float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class PerPrompt:
-  """One method's scores on one split: a row per seed (train.seed `seeds[s]`), a column per prompt (`ids[p]`)."""
+  """One method's scores on one split: a row per seed (train.seed `seeds[s]`), a column per prompt (`ids[p]`), and
+  each prompt's task family (`tasks[p]`; None where the results did not record them)."""
   seeds: tuple[int, ...]
   ids: tuple[str, ...]
   scores_SP: np.ndarray
+  tasks: tuple[str, ...] | None = None
+
+  def where(self, keep) -> "PerPrompt":
+    """The prompts whose task satisfies `keep(task)`."""
+    cols = [p for p, t in enumerate(self.tasks) if keep(t)]
+    return PerPrompt(self.seeds, tuple(self.ids[p] for p in cols), self.scores_SP[:, cols],
+                     tuple(self.tasks[p] for p in cols))
 
 
 def per_prompt_scores(results: list[dict], split: str) -> PerPrompt | None:
@@ -58,7 +66,22 @@ def per_prompt_scores(results: list[dict], split: str) -> PerPrompt | None:
   ids = tuple(entries[0]["ids"])
   if any(tuple(e["ids"]) != ids for e in entries):
     raise ValueError(f"the seeds of {rs[0]['spec']['method']} were scored on different {split} prompts")
-  return PerPrompt(tuple(r["spec"]["seed"] for r in rs), ids, np.asarray([e["scores"] for e in entries], np.float64))
+  tasks = {tuple(e["tasks"]) for e in entries if "tasks" in e}  # results written before tasks were recorded: none
+  if len(tasks) > 1:
+    raise ValueError(f"the seeds of {rs[0]['spec']['method']} disagree on the tasks of the {split} prompts")
+  return PerPrompt(tuple(r["spec"]["seed"] for r in rs), ids, np.asarray([e["scores"] for e in entries], np.float64),
+                   next(iter(tasks), None))
+
+
+def warm_scores(warm: dict, split: str, tasks_by_id: dict[str, str]) -> PerPrompt | None:
+  """A warm start's scores on `split` as one row; its prompts' tasks from its own record, else from `tasks_by_id`
+  (the runs', which scored the same prompts)."""
+  entry = warm["per_prompt"][split]
+  if entry is None:
+    return None
+  tasks = entry.get("tasks") or [tasks_by_id.get(i) for i in entry["ids"]]
+  return PerPrompt((0,), tuple(entry["ids"]), np.asarray([entry["scores"]], np.float64),
+                   None if None in tasks else tuple(tasks))
 
 
 def mean_curves(results: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -196,6 +219,74 @@ def mechanism_rows(summary: dict[str, dict]) -> list[str]:
   return lines
 
 
+def _tasks_by_id(summary: dict[str, dict]) -> dict[str, str]:
+  return {i: t for row in summary.values() for split in SPLITS if row[split] is not None and row[split].tasks
+          for i, t in zip(row[split].ids, row[split].tasks)}
+
+
+def _warm_of(row: dict, warm: list[dict]) -> dict | None:
+  """The warm start a method's runs started from (None: several, or not among `warm`)."""
+  found = [w for w in warm if [w["spec"]["out_dir"]] == row.get("warm_dirs")]
+  return found[0] if found else None
+
+
+def task_rows(summary: dict[str, dict], warm: list[dict]) -> list[str]:
+  """Held-out accuracy by task family, real image / white image: each warm start (W1, W2, ... as on the page), then
+  each method (mean over seeds and prompts). [] when the results do not record the prompts' tasks."""
+  tasks_by_id = _tasks_by_id(summary)
+  rows = [(f"W{i + 1} (warm start)", warm_scores(w, "test", tasks_by_id), warm_scores(w, "white", tasks_by_id))
+          for i, w in enumerate(warm)]
+  rows += [(name, row["test"], row["white"]) for name, row in summary.items()]
+  if not rows or any(pp is None or pp.tasks is None for _, test, white in rows for pp in (test, white)):
+    return []
+  order = list(dict.fromkeys(rows[0][1].tasks))
+  counts = {t: rows[0][1].tasks.count(t) for t in order}
+  lines = ["| policy | " + " | ".join(f"{t} ({counts[t]})" for t in order) + " |", "|---" * (1 + len(order)) + "|"]
+  for name, test, white in rows:
+    cells = [f"{test.where(t.__eq__).scores_SP.mean():.3f} / {white.where(t.__eq__).scores_SP.mean():.3f}"
+             for t in order]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _flips(pp: PerPrompt, before: PerPrompt) -> str:
+  """Prompts a method's runs turned right / wrong against the warm start's greedy answers, summed over seeds."""
+  cols = [before.ids.index(i) for i in pp.ids]
+  b_P = before.scores_SP[0, cols]
+  return f"{int((pp.scores_SP > b_P).sum())} / {int((pp.scores_SP < b_P).sum())}"
+
+
+def taught_error_rows(summary: dict[str, dict], warm: list[dict], baselines: dict[str, str | None],
+                      task: str) -> list[str]:
+  """The taught error's tables: each method's accuracy on `task` (whose warm-start references a fallible teacher
+  wrote) and on the other tasks, from the warm start to after RL, with the prompts turned right / wrong; then each
+  method against its baseline on both. [] when the results do not record the prompts' tasks."""
+  tasks_by_id = _tasks_by_id(summary)
+  if not summary or any(row["test"] is None or row["test"].tasks is None for row in summary.values()):
+    return []
+  parts = {"taught": task.__eq__, "other": task.__ne__}
+  lines = [f"| method | seeds | `{task}`: warm start -> after RL [95 % CI] | `{task}`: right / wrong turned | other "
+           "tasks: warm start -> after RL [95 % CI] | other tasks: right / wrong turned |", "|---" * 6 + "|"]
+  for name, row in summary.items():
+    w = _warm_of(row, warm)
+    before = w and warm_scores(w, "test", tasks_by_id)
+    cells = []
+    for keep in parts.values():
+      pp = row["test"].where(keep)
+      start = "n/a" if before is None or before.tasks is None else f"{before.where(keep).scores_SP.mean():.3f}"
+      cells += [f"{start} -> {_ci_cell(pp.scores_SP)}",
+                "n/a" if start == "n/a" else _flips(pp, before.where(keep))]
+    lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+  by_part = {part: compare({name: {**row, "test": row["test"].where(keep)} for name, row in summary.items()},
+                           baselines, split="test") for part, keep in parts.items()}
+  lines += ["", f"| method | baseline | seeds paired | `{task}` diff. | `{task}` verdict | `{task}` MDD | other tasks "
+            "diff. | other tasks verdict | other tasks MDD |", "|---" * 9 + "|"]
+  for taught, other in zip(by_part["taught"], by_part["other"]):
+    lines.append(f"| {taught.method} | {taught.baseline} | {taught.seeds or 'n/a'} | "
+                 + " | ".join(_diff_cells(taught) + _diff_cells(other)) + " |")
+  return lines
+
+
 def curves_figure(summary: dict[str, dict]):
   """A matplotlib figure of the methods' mean curves (reward, held-out accuracy, white-image KL, dependency AUROC),
   one color per method; None when no run logged a curve."""
@@ -254,10 +345,14 @@ def _hms(seconds: float) -> str:
 
 def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict], budgets: dict[str, dict],
                    command: str, machine: str, date: str, wall_s: float, jobs_s: float,
-                   curves_png: str | None = None) -> str:
-  """The results page: accuracies, comparisons with the baselines and their power, cost, warm starts, methods.
+                   curves_png: str | None = None, taught: tuple[str, str] | None = None) -> str:
+  """The results page: accuracies (overall and by task), comparisons with the baselines and their power, the taught
+  error, cost, warm starts, methods.
 
   methods: the replication's methods (`jaxvg.replicate.Method`: name, config, overrides, baseline), in table order.
+  taught: (task, rate) when the warm starts learned from a fallible teacher (`data.teacher_error`): the task whose
+    references it rewrote and the rate, as text. The page then ranks the methods by how much of the taught error
+    their RL undoes.
   """
   baselines = {m.name: m.baseline for m in methods}
   budget = budgets[methods[0].name]
@@ -277,6 +372,11 @@ def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict],
            "| method | seeds | held-out acc. | prior-conflict acc. | white-image acc. (control) |", "|---" * 5 + "|"]
   lines += [f"| {name} | {row['seeds']} | " + " | ".join(_ci_cell(row[s] and row[s].scores_SP) for s in SPLITS)
             + " |" for name, row in summary.items()]
+  by_task = task_rows(summary, warm)
+  if by_task:
+    lines += ["", "## By task", "",
+              "Held-out accuracy per task family (prompts per family in the header), real image / white image: the "
+              "warm starts (W1, ... as listed below), then each method, the mean over seeds and prompts.", "", *by_task]
   by_split = {split: compare(summary, baselines, split=split) for split in COMPARED}
   lines += ["", "## Against the baseline", "",
             "Method minus baseline on the seeds both ran and the same prompts: the mean difference [its 95 % interval, "
@@ -299,6 +399,18 @@ def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict],
     lines += ["", "**One seed.** A comparison on one seed resamples prompts only: its interval, verdict and MDD leave "
               "out how much a run's accuracy moves with its training seed, so its verdicts are provisional until "
               "more seeds run (`--seeds`; finished runs are reused)."]
+  taught_rows = taught_error_rows(summary, warm, baselines, taught[0]) if taught else []
+  if taught_rows:
+    lines += ["", "## The taught error", "",
+              f"The warm starts learned from a fallible teacher (`data.teacher_error={taught[1]}`): that share of the "
+              f"`{taught[0]}` references of the train split name the first item described instead of the right "
+              "one, while the rewards grade the true answer and the held-out references stay true. RL can undo what "
+              f"the demonstrations taught wrong, so each method's gain on `{taught[0]}` measures how it learns from "
+              "reward, where the other tasks (whose references were true) measure its drift. Accuracy on the held-out "
+              "split: the warm start's, then the method's after RL [95 % interval over seeds and prompts]; right / "
+              "wrong turned counts the prompts whose greedy answer RL made right / wrong against the warm start's, "
+              "summed over seeds. Then each method against its baseline on both parts, as above.", "",
+              *taught_rows]
   lines += ["", "## Cost and analysis", "", "Mean ± sample standard deviation over seeds.", "",
             "| method | seeds | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |",
             "|---" * 7 + "|"]
