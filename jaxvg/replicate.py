@@ -417,6 +417,11 @@ def execute(specs: list[dict], *, jobs: int, pin: bool, env: dict) -> list[dict]
       pending.discard(i)
       changed.notify_all()
 
+  def say(message: str):
+    """One timestamped progress line, written whole: the jobs' threads print concurrently."""
+    with changed:
+      print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
   def launch(i, spec):
     try:
       if i in warms:
@@ -434,7 +439,7 @@ def execute(specs: list[dict], *, jobs: int, pin: bool, env: dict) -> list[dict]
     try:
       if failed.is_set():
         raise RuntimeError(f"the {name} did not start: another job failed")
-      print(f"{time.strftime('%H:%M:%S')} started the {name} (log: {log_path})", flush=True)
+      say(f"started the {name} (log: {log_path})")
       with open(spec_path, "w") as f:
         json.dump({**spec, "cpus": cpu_sets[slot]}, f, indent=2)
       with open(log_path, "a") as log:
@@ -446,7 +451,7 @@ def execute(specs: list[dict], *, jobs: int, pin: bool, env: dict) -> list[dict]
         raise RuntimeError(f"the {name} failed with exit code {rc}; log: {log_path}\n{tail}")
     finally:
       give_back(slot)
-    print(f"{time.strftime('%H:%M:%S')} finished the {name}", flush=True)
+    say(f"finished the {name}")
     return _done(spec)
 
   with concurrent.futures.ThreadPoolExecutor(max(len(specs), 1)) as pool:
