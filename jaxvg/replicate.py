@@ -69,6 +69,9 @@ METHODS = (
     Method("DAPO", "demo.py", (), baseline="GRPO"),
     Method("PGPO-GRPO", "pgpo_demo.py", _GRPO, baseline="GRPO"),
     Method("PGPO-DAPO", "pgpo_demo.py", (), baseline="DAPO"),
+    # PGPO on the white-image counterfactual, which tells a visual word from a reasoning word better on this testbed
+    # than the paper's text-only pass (docs/analysis.md, "Two counterfactuals"): the counterfactual alone changes.
+    Method("PGPO-DAPO (white image)", "pgpo_demo.py", ("credit.counterfactual=white_image",), baseline="PGPO-DAPO"),
     Method("PACR", "pacr_demo.py", (), baseline="GRPO"),
     Method("PDCR", "pdcr_demo.py", (), baseline="PACR"),
     # GRPO from OPSD's and ViGOS's warm start (their describe-then-reason format): OPSD's paired baseline, so that

@@ -41,7 +41,7 @@ def test_select_methods_by_name_comma_or_case_and_errors(tmp_path):
 def test_every_baseline_is_a_method_from_the_same_warm_start(tmp_path):
   names = {m.name for m in replicate.METHODS}
   assert all(m.baseline in names for m in replicate.METHODS if m.baseline is not None)
-  assert len(names) == len(replicate.METHODS) == 12
+  assert len(names) == len(replicate.METHODS) == 13
   # A paired comparison holds the method alone only when both sides continue one warm start.
   runs = replicate.plan_runs(list(replicate.METHODS), seeds=1, steps=None, common=[], out_dir=str(tmp_path))
   warm = {r["method"]: r["warm_dir"] for r in runs}
