@@ -310,12 +310,16 @@ def test_render_results_by_task_and_the_taught_error():
   # The taught error: largest from the warm start's [0, 0, 1]. GRPO's seeds [1, 0, 1] and [0, 1, 1] each turn one
   # prompt right; DAPO's [1, 1, 1] twice turn two. The other tasks from [0, 1, 1]: GRPO [0, 1, 1] and [0, 1, 0]
   # (one lost), DAPO [1, 1, 1] (one gained) and [0, 0, 1] (one lost).
+  # The changes, paired prompt by prompt with the warm start: GRPO largest (1, 0, 0) and (0, 1, 0), mean 2 / 6; DAPO
+  # largest (1, 1, 0) twice, 4 / 6; GRPO count (0, 0, 0) and (0, 0, -1), -1 / 6; DAPO count (1, 0, 0), (0, -1, 0), 0.
   rows = {line.split(" | ")[0]: line.split(" | ") for line in lines if line.startswith(("| GRPO | 2 |", "| DAPO | 2 |"))
           and "->" in line}
-  assert rows["| GRPO"][2].startswith("0.333 -> 0.667 [") and rows["| GRPO"][3] == "2 / 0"
-  assert rows["| GRPO"][4].startswith("0.667 -> 0.500 [") and rows["| GRPO"][5] == "0 / 1 |"
-  assert rows["| DAPO"][2] == "0.333 -> 1.000 [1.000, 1.000]" and rows["| DAPO"][3] == "4 / 0"
-  assert rows["| DAPO"][4].startswith("0.667 -> 0.667 [") and rows["| DAPO"][5] == "1 / 1 |"
+  assert rows["| GRPO"][2:5] == ["0.333 -> 0.667", rows["| GRPO"][3], "2 / 0"]
+  assert rows["| GRPO"][3].startswith("+0.333 [") and rows["| GRPO"][6].startswith("-0.167 [")
+  assert rows["| GRPO"][5:8:2] == ["0.667 -> 0.500", "0 / 1 |"]
+  dapo = rows["| DAPO"]
+  assert dapo[2] == "0.333 -> 1.000" and dapo[3].startswith("+0.667 [") and dapo[4] == "4 / 0"
+  assert dapo[5] == "0.667 -> 0.667" and dapo[6].startswith("+0.000 [") and dapo[7] == "1 / 1 |"
   # DAPO - GRPO, paired: largest (0, 1, 0) and (1, 0, 0), mean 2 / 6; count (1, 0, 0) and (0, -1, 1), mean 1 / 6.
   (versus,) = [line for line in lines if line.startswith("| DAPO | GRPO | 2 |") and line.count("|") == 10
                and "+0.333" in line]

@@ -265,17 +265,23 @@ def taught_error_rows(summary: dict[str, dict], warm: list[dict], baselines: dic
   if not summary or any(row["test"] is None or row["test"].tasks is None for row in summary.values()):
     return []
   parts = {"taught": task.__eq__, "other": task.__ne__}
-  lines = [f"| method | seeds | `{task}`: warm start -> after RL [95 % CI] | `{task}`: right / wrong turned | other "
-           "tasks: warm start -> after RL [95 % CI] | other tasks: right / wrong turned |", "|---" * 6 + "|"]
+  lines = ["| method | seeds | " + " | ".join(f"{label}: warm start -> after RL | {label}: change [95 % CI] | {label}: "
+                                             "right / wrong turned" for label in (f"`{task}`", "other tasks")) + " |",
+           "|---" * 8 + "|"]
   for name, row in summary.items():
     w = _warm_of(row, warm)
     before = w and warm_scores(w, "test", tasks_by_id)
     cells = []
     for keep in parts.values():
       pp = row["test"].where(keep)
-      start = "n/a" if before is None or before.tasks is None else f"{before.where(keep).scores_SP.mean():.3f}"
-      cells += [f"{start} -> {_ci_cell(pp.scores_SP)}",
-                "n/a" if start == "n/a" else _flips(pp, before.where(keep))]
+      if before is None or before.tasks is None:
+        cells += [f"n/a -> {pp.scores_SP.mean():.3f}", "n/a", "n/a"]
+        continue
+      start = before.where(keep)
+      start_SP = np.repeat(start.scores_SP[:, [start.ids.index(i) for i in pp.ids]], len(pp.seeds), axis=0)
+      d = stats.paired_difference(pp.scores_SP, start_SP)
+      cells += [f"{start.scores_SP.mean():.3f} -> {pp.scores_SP.mean():.3f}",
+                f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", _flips(pp, start)]
     lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
   by_part = {part: compare({name: {**row, "test": row["test"].where(keep)} for name, row in summary.items()},
                            baselines, split="test") for part, keep in parts.items()}
@@ -407,9 +413,10 @@ def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict],
               "one, while the rewards grade the true answer and the held-out references stay true. RL can undo what "
               f"the demonstrations taught wrong, so each method's gain on `{taught[0]}` measures how it learns from "
               "reward, where the other tasks (whose references were true) measure its drift. Accuracy on the held-out "
-              "split: the warm start's, then the method's after RL [95 % interval over seeds and prompts]; right / "
-              "wrong turned counts the prompts whose greedy answer RL made right / wrong against the warm start's, "
-              "summed over seeds. Then each method against its baseline on both parts, as above.", "",
+              "split: the warm start's, then the method's after RL (mean over seeds and prompts); the change, paired "
+              "with the warm start's scores prompt by prompt [95 % interval, the bootstrap above]; right / wrong "
+              "turned counts the prompts whose greedy answer RL made right / wrong against the warm start's, summed "
+              "over seeds. Then each method against its baseline on both parts, as above.", "",
               *taught_rows]
   lines += ["", "## Cost and analysis", "", "Mean ± sample standard deviation over seeds.", "",
             "| method | seeds | tokens/s | step time (s) | rollouts | dependency AUROC | step-split acc. |",
