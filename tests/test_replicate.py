@@ -326,6 +326,9 @@ def test_render_results_by_task_and_the_taught_error():
   cells = versus.split(" | ")
   assert cells[3].startswith("+0.333 [") and cells[6].startswith("+0.167 [")
   assert "`data.teacher_error=0.6`" in "\n".join(lines)
+  # Without its warm start's scores a method's row keeps its own accuracy and nothing paired with the warm start.
+  no_warm = results_page.taught_error_rows(summary, [], {"GRPO": None, "DAPO": "GRPO"}, "largest")
+  assert no_warm[2].split(" | ")[2:5] == ["n/a -> 0.667", "n/a", "n/a"]
   untaught = results_page.render_results(summary, **kw)
   assert "## By task" in untaught and "## The taught error" not in untaught
   with pytest.raises(ValueError, match="the seeds of GRPO disagree on the tasks of the test prompts"):

@@ -249,11 +249,14 @@ def task_rows(summary: dict[str, dict], warm: list[dict]) -> list[str]:
   return lines
 
 
-def _flips(pp: PerPrompt, before: PerPrompt) -> str:
-  """Prompts a method's runs turned right / wrong against the warm start's greedy answers, summed over seeds."""
-  cols = [before.ids.index(i) for i in pp.ids]
-  b_P = before.scores_SP[0, cols]
-  return f"{int((pp.scores_SP > b_P).sum())} / {int((pp.scores_SP < b_P).sum())}"
+def _from_warm(pp: PerPrompt, before: PerPrompt) -> list[str]:
+  """A method's scores against its warm start's (one row), prompt by prompt: the two means, the paired change with its
+  interval, and the prompts turned right / wrong (summed over seeds)."""
+  col = {i: p for p, i in enumerate(before.ids)}
+  b_P = before.scores_SP[0, [col[i] for i in pp.ids]]
+  d = stats.paired_difference(pp.scores_SP, np.broadcast_to(b_P, pp.scores_SP.shape))
+  return [f"{b_P.mean():.3f} -> {pp.scores_SP.mean():.3f}", f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]",
+          f"{int((pp.scores_SP > b_P).sum())} / {int((pp.scores_SP < b_P).sum())}"]
 
 
 def taught_error_rows(summary: dict[str, dict], warm: list[dict], baselines: dict[str, str | None],
@@ -274,14 +277,8 @@ def taught_error_rows(summary: dict[str, dict], warm: list[dict], baselines: dic
     cells = []
     for keep in parts.values():
       pp = row["test"].where(keep)
-      if before is None or before.tasks is None:
-        cells += [f"n/a -> {pp.scores_SP.mean():.3f}", "n/a", "n/a"]
-        continue
-      start = before.where(keep)
-      start_SP = np.repeat(start.scores_SP[:, [start.ids.index(i) for i in pp.ids]], len(pp.seeds), axis=0)
-      d = stats.paired_difference(pp.scores_SP, start_SP)
-      cells += [f"{start.scores_SP.mean():.3f} -> {pp.scores_SP.mean():.3f}",
-                f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", _flips(pp, start)]
+      known = before is not None and before.tasks is not None
+      cells += _from_warm(pp, before.where(keep)) if known else [f"n/a -> {pp.scores_SP.mean():.3f}", "n/a", "n/a"]
     lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
   by_part = {part: compare({name: {**row, "test": row["test"].where(keep)} for name, row in summary.items()},
                            baselines, split="test") for part, keep in parts.items()}
