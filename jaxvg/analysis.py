@@ -3,6 +3,7 @@ r"""Visual-dependency analysis of a policy: where in a completion, and where in 
   python -m jaxvg.analysis --run runs/demo [--num 256] [--params final|sft|teacher] [--counterfactual white_image]
   python -m jaxvg.analysis --run runs/opsd_demo --params teacher --prompt-format vigos_reference_teacher
   python -m jaxvg.analysis --hf path/to/hf_dir --config configs/demo.py
+  python -m jaxvg.analysis --run runs/taught/pgpo_dapo/seed0 --params sft --task largest --num 48 --no-greedy
 
 For given completions (the synthetic reference solutions of held-out prompts, or sampled rollouts), teacher-forced:
   token   k3_t = (r - 1) - log r, r = pi_0(y_t) / pi_I(y_t) (PGPO's estimator) and the exact full-vocabulary
@@ -13,7 +14,8 @@ For given completions (the synthetic reference solutions of held-out prompts, or
 On the synthetic benchmark the generator knows which words state an image fact and which steps are perception or
 reasoning (`groundtruth`): `evaluate_groundtruth` gives the AUROC of both token scores (visual words vs reasoning
 words) and the accuracy of the Otsu step split, the KL by word class (visual, reasoning, answer), the teacher-forced
-argmax accuracy of each class with the real image and under the counterfactual, and (unless --no-greedy) greedy
+argmax accuracy of each class with the real image and under the counterfactual, PGPO's mean token weight on each
+class (its weights average 1 per completion; DAPO's are all 1), and (unless --no-greedy) greedy
 held-out accuracy with the real and with a white image: a policy that reads the image scores well above its white-image
 figure. `occlusion_map` projects the dependency onto the image's patch grid.
 """
@@ -144,10 +146,17 @@ def make_policy(config: experiment.Config, tokenizer, model) -> Policy:
 # ----------------------------------------------------------------------------------------- prompts, rollouts
 
 
-def heldout_records(config: experiment.Config, num: int, *, split: str = "test") -> list[dict]:
-  """The first `num` records of a held-out synthetic split, drawn with the run's data seed and image size."""
-  src = synthetic.SyntheticSource(split=split, num_records=num, cfg=builders.synthetic_config(config.data))
-  return [src[i] for i in range(num)]
+def heldout_records(config: experiment.Config, num: int, *, split: str = "test", task: str | None = None) -> list[dict]:
+  """The first `num` records of a held-out synthetic split, drawn with the run's data seed and image size; with `task`,
+  the first `num` of that task family (record i is of family data.tasks[i % len(data.tasks)])."""
+  cfg = builders.synthetic_config(config.data)
+  indices = list(range(num))
+  if task is not None:
+    if task not in cfg.tasks:
+      raise ValueError(f"task={task!r} is not one of the run's data.tasks {cfg.tasks}")
+    indices = [cfg.tasks.index(task) + len(cfg.tasks) * j for j in range(num)]
+  src = synthetic.SyntheticSource(split=split, num_records=indices[-1] + 1 if indices else 0, cfg=cfg)
+  return [src[i] for i in indices]
 
 
 def user_record(image, question: str, answer: str, *, record_id: str = "user") -> dict:
@@ -345,11 +354,13 @@ def groundtruth_metrics(*, k3_M, kl_M, is_visual_M, is_reasoning_M, step_v_K, st
 
 
 def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, split: str = "test",
-                         counterfactual: str = "mask_visual") -> dict:
-  """`groundtruth_metrics` of the policy's dependency on the reference solutions of `num` held-out records."""
+                         counterfactual: str = "mask_visual", task: str | None = None) -> dict:
+  """`groundtruth_metrics` of the policy's dependency on the reference solutions of `num` held-out records (of one
+  task family with `task`), with the KL, teacher-forced accuracy and mean PGPO weight of each word class (visual,
+  reasoning, answer; PGPO's weights average 1 over a completion's tokens, where DAPO gives every token 1)."""
   if num < 1 or batch_size < 1:
     raise ValueError(f"num={num} and batch_size={batch_size} must be positive")
-  records = heldout_records(policy.config, num, split=split)
+  records = heldout_records(policy.config, num, split=split, task=task)
   tok = policy.tokenizer
   refs = [groundtruth.reference_tokens(tok, synthetic.render_solution(r["solution"], r["answer"], fmt=policy.fmt))
           for r in records]
@@ -384,12 +395,13 @@ def evaluate_groundtruth(policy: Policy, *, num: int = 64, batch_size: int = 8, 
                             step_v_K=acc["v"], step_kl_K=acc["skl"], step_len_K=acc["len"],
                             step_is_perception_K=acc["per"], weight_M=cat("w"))
   out["mean_kl"] = float(cat("kl").mean())
-  kl, top1, top1_cf = cat("kl"), cat("top1"), cat("top1_cf")
+  kl, top1, top1_cf, weight = cat("kl"), cat("top1"), cat("top1_cf"), cat("w")
   for name, key in (("visual", "vis"), ("reasoning", "rea"), ("answer", "ans")):
     where = cat(key)
     out[f"mean_kl_{name}"] = float(kl[where].mean()) if where.any() else float("nan")
     out[f"tf_accuracy_{name}"] = float(top1[where].mean()) if where.any() else float("nan")
     out[f"tf_accuracy_{name}_cf"] = float(top1_cf[where].mean()) if where.any() else float("nan")
+    out[f"pgpo_weight_{name}"] = float(weight[where].mean()) if where.any() else float("nan")
   return {"records": num, **out}
 
 
@@ -550,6 +562,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--counterfactual", default="mask_visual", choices=SCORED_COUNTERFACTUALS)
   parser.add_argument("--split", default="test", choices=("test", "prior_conflict"), help="held-out synthetic split")
+  parser.add_argument("--task", default=None, choices=synthetic.TASKS,
+                      help="only the records of this task family (the first --num of it)")
   parser.add_argument("--no-greedy", dest="greedy", action="store_false",
                       help="skip greedy accuracy with the real and the white image (the slowest part)")
   args = parser.parse_args(argv)
@@ -557,13 +571,14 @@ def main(argv=None) -> dict:
   policy = load_policy(run_dir=args.run, params=args.params, hf_dir=args.hf, config_path=args.config,
                        prompt_format=args.prompt_format)
   out = evaluate_groundtruth(policy, num=args.num, batch_size=args.batch_size, split=args.split,
-                             counterfactual=args.counterfactual)
+                             counterfactual=args.counterfactual, task=args.task)
   if args.greedy:
-    records = heldout_records(policy.config, args.num, split=args.split)
+    records = heldout_records(policy.config, args.num, split=args.split, task=args.task)
     out["greedy_accuracy"] = greedy_accuracy(policy, records, batch_size=args.batch_size)
     out["greedy_accuracy_white"] = greedy_accuracy(policy, white_image_records(records), batch_size=args.batch_size)
   out = {"run": args.run or args.hf, "params": args.params if args.run else "hf", "prompt_format": policy.fmt.name,
-         "counterfactual": args.counterfactual, "split": args.split, **out, "seconds": round(time.time() - t0, 1)}
+         "counterfactual": args.counterfactual, "split": args.split, "task": args.task, **out,
+         "seconds": round(time.time() - t0, 1)}
   # An AUROC without positives or negatives is NaN: JSON null.
   out = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in out.items()}
   print(json.dumps(out))

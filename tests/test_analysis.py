@@ -429,31 +429,52 @@ def test_tokens_html_escapes_and_scales(policy):
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_prints_one_json_line_on_a_tiny_run(run_dir, policy, capsys):
-  out = analysis.main(["--run", str(run_dir), "--num", "2", "--batch-size", "2"])
-  line = capsys.readouterr().out.strip().splitlines()[-1]
-  assert json.loads(line) == out
-  # Counts from the generator directly: tokens by tokenizing each rendered solution (+ EOS), visual tokens from
-  # the decoded pieces' character spans, steps from the solution's step labels (the answer segment excluded).
-  tok, n_tok, n_vis, n_steps, n_per = policy.tokenizer, 0, 0, 0, 0
-  for i in range(2):
+def _counts(tokenizer, fmt, indices):
+  """Counts from the generator directly: tokens by tokenizing each rendered solution (+ EOS), visual tokens from the
+  decoded pieces' character spans, steps from the solution's step labels (the answer segment excluded)."""
+  n_tok, n_vis, n_steps, n_per = 0, 0, 0, 0
+  for i in indices:
     record = synthetic.make_record(i, split="test", cfg=synthetic.SyntheticConfig(image_size=84))
-    rendered = synthetic.render_solution(record["solution"], record["answer"], fmt=policy.fmt)
-    ids = tok(rendered.text, add_special_tokens=False)["input_ids"]
+    rendered = synthetic.render_solution(record["solution"], record["answer"], fmt=fmt)
+    ids = tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
     n_tok += len(ids) + 1
     start = 0
     for t in ids:
-      piece = tok.decode([t])
+      piece = tokenizer.decode([t])
       n_vis += bool(rendered.is_visual[start:start + len(piece)].any())
       start += len(piece)
     labels = [s["label"] for s in record["solution"]["steps"]]
     n_steps, n_per = n_steps + len(labels), n_per + labels.count("perception")
+  return n_tok, n_vis, n_steps, n_per
+
+
+def test_cli_prints_one_json_line_on_a_tiny_run(run_dir, policy, capsys):
+  out = analysis.main(["--run", str(run_dir), "--num", "2", "--batch-size", "2"])
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert json.loads(line) == out
+  n_tok, n_vis, n_steps, n_per = _counts(policy.tokenizer, policy.fmt, range(2))
   assert (out["records"], out["tokens"], out["visual_tokens"]) == (2, n_tok, n_vis)
   assert (out["steps"], out["perception_steps"]) == (n_steps, n_per)
   for key in ("auroc_k3", "auroc_kl", "split_accuracy_v", "split_accuracy_kl", "majority_baseline", "visual_share",
               "pgpo_visual_mass"):
     assert 0.0 <= out[key] <= 1.0, key
-  assert out["mean_kl"] > 0 and out["params"] == "final"
+  assert out["mean_kl"] > 0 and out["params"] == "final" and out["task"] is None
+  # PGPO's weights average 1 per completion, so the visual words' share of the weight mass is their mean weight times
+  # their share of the tokens.
+  assert out["pgpo_visual_mass"] == pytest.approx(out["pgpo_weight_visual"] * out["visual_tokens"] / out["tokens"],
+                                                  rel=1e-4)
+  # One task family: record i is of family tasks[i % 5], so the first two `largest` records are 2 and 7.
+  largest = analysis.main(["--run", str(run_dir), "--num", "2", "--batch-size", "2", "--task", "largest",
+                           "--no-greedy"])
+  n_tok, n_vis, n_steps, n_per = _counts(policy.tokenizer, policy.fmt, (2, 7))
+  assert (largest["task"], largest["records"], largest["tokens"], largest["visual_tokens"]) == ("largest", 2, n_tok,
+                                                                                                 n_vis)
+  assert (largest["steps"], largest["perception_steps"]) == (n_steps, n_per)
+  assert [r["source"] for r in analysis.heldout_records(policy.config, 3, task="largest")] == \
+      ["synthetic/test/largest"] * 3
+  with pytest.raises(ValueError, match="task='count' is not one of the run's data.tasks"):
+    analysis.heldout_records(dataclasses.replace(policy.config, data=dataclasses.replace(
+        policy.config.data, tasks=("color",))), 1, task="count")
   sft = analysis.main(["--run", str(run_dir), "--params", "sft", "--num", "2", "--batch-size", "2"])
   assert sft["params"] == "sft" and sft["records"] == 2 and sft["prompt_format"] == "pgpo"
   with pytest.raises(FileNotFoundError, match="jaxvg.train"):
