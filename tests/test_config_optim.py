@@ -200,6 +200,9 @@ def test_real_scale_recipes_fit_8_h100(name):
     ("data.tasks=count,colour", "data.tasks=('count', 'colour')"),
     ("data.length_buckets=128,64", "data.length_buckets=(128, 64): must be increasing"),
     ("data.teacher_error=1.5", "data.teacher_error=1.5: must lie in [0.0, 1.0]"),
+    ("data.teacher_error_kind=answer", "data.teacher_error_kind='answer'"),
+    ("data.teacher_error_kind=perception", "data.teacher_error_kind='perception' changes nothing without "
+     "data.teacher_error > 0"),
     ("optim.schedule=step", "optim.schedule='step'"),
     ("optim.max_update_ratio=0", "optim.max_update_ratio=0.0"),
     ("sft_optim.lr=-1", "sft_optim.lr=-1.0"),

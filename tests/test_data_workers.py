@@ -46,7 +46,11 @@ def test_a_truthful_teacher_keeps_the_warm_start_identity_of_before_the_option()
   """teacher_error=0 leaves the identity exactly what it was without the field, so warm starts stay reusable; any
   other rate is another warm start."""
   cfg = experiment.DataCfg()
-  without = repr(cfg).replace("teacher_error=0.0, ", "").replace(", worker_count=0", "").replace(
-      ", image_backend='fast'", "")
+  without = repr(cfg).replace("teacher_error=0.0, ", "").replace("teacher_error_kind='reasoning', ", "").replace(
+      ", worker_count=0", "").replace(", image_backend='fast'", "")
   assert "teacher_error" not in without and cfg.identity() == without
   assert experiment.DataCfg(teacher_error=0.5).identity() != cfg.identity()
+  # The kind of error, at its default (the reasoning step), leaves a fallible teacher's identity as it was too.
+  fallible = experiment.DataCfg(teacher_error=0.5)
+  assert "teacher_error_kind" not in fallible.identity()
+  assert experiment.DataCfg(teacher_error=0.5, teacher_error_kind="perception").identity() != fallible.identity()

@@ -385,6 +385,56 @@ def test_fallible_teacher_rewrites_only_the_train_references():
       assert record["solution"]["reference_answer"] == record["answer"] == answer_from_pixels(record, 3)
 
 
+def _sizes_said(record) -> list[tuple[str, str]]:
+  """(location, size) of every shape the perception steps describe, in the order described."""
+  out = []
+  for step in record["solution"]["steps"]:
+    if step["label"] == "perception":
+      visual = [text for text, is_visual in step["pieces"] if is_visual]
+      while visual:
+        if visual[1] in ("small", "large"):
+          out.append((visual[0], visual[1]))
+          visual = visual[4:]
+        else:  # a digit: location, digit
+          visual = visual[2:]
+  return out
+
+
+def test_a_fallible_teacher_of_perception_misstates_the_sizes():
+  """teacher_error_kind="perception": a struck `largest` reference calls the first item (reading order, from the
+  pixels) large and the large one small, its reasoning follows that description, and every other piece, the image,
+  the graded answer and the scene stay true; the kind "reasoning" is the teacher of before."""
+  said_wrong, seen = 0, 0
+  honest = SyntheticConfig()
+  perception = SyntheticConfig(teacher_error=1.0, teacher_error_kind="perception")
+  reasoning = SyntheticConfig(teacher_error=1.0, teacher_error_kind="reasoning")
+  for i in range(2, 5 * 24, 5):
+    got, want = make_record(i, split="train", cfg=perception), make_record(i, split="train", cfg=honest)
+    assert make_record(i, split="train", cfg=reasoning) == make_record(i, split="train",
+                                                                       cfg=SyntheticConfig(teacher_error=1.0))
+    assert got["images"][0].tobytes() == want["images"][0].tobytes()
+    assert got["answer"] == want["answer"] == answer_from_pixels(got, 3)
+    assert got["solution"]["scene"] == want["solution"]["scene"]
+    first = _first_in_reading_order(got)
+    assert got["solution"]["reference_answer"] == first
+    assert got["solution"]["steps"][-1]["pieces"][0][0].endswith(f"the largest shape is the {first}.")
+    # The sizes said: the first described item large, every other small; the truthful teacher says the truth.
+    said, true = _sizes_said(got), _sizes_said(want)
+    assert [size for _, size in said] == ["large"] + ["small"] * (len(said) - 1)
+    assert [loc for loc, _ in said] == [loc for loc, _ in true]
+    assert [size for _, size in true].count("large") == 1
+    # Only the size words differ from the truthful teacher's perception steps.
+    n = sum(step["label"] == "perception" for step in want["solution"]["steps"])
+    for a, b in zip(got["solution"]["steps"][:n], want["solution"]["steps"][:n]):
+      assert [t for t, _ in a["pieces"] if t not in ("small", "large")] == \
+          [t for t, _ in b["pieces"] if t not in ("small", "large")]
+    seen += 1
+    said_wrong += said != true
+  assert seen == 24 and said_wrong >= 12  # the large item is rarely the first of 2-6 items
+  with pytest.raises(ValueError, match="teacher_error_kind"):
+    SyntheticConfig(teacher_error_kind="answer")
+
+
 def test_fallible_teacher_rate():
   """Among `largest` train records whose first item does not have the large item's shape, the reference is wrong at
   the rate asked (within 4 standard errors); no other task's reference changes, whatever the rate."""

@@ -29,6 +29,9 @@ class DataCfg:
   # A fallible teacher for the warm start (SyntheticConfig.teacher_error): the probability that a `largest` train
   # reference names the first item it described instead of the large one. Graded answers stay true.
   teacher_error: float = 0.0
+  # Where that error sits: reasoning (the reasoning step names the wrong item) | perception (the perception steps call
+  # the first item large and the large one small, and the reasoning follows them).
+  teacher_error_kind: str = "reasoning"
   prompts_per_batch: int = 8
   max_prompt_tokens: int = 512
   min_pixels: int = 56 * 56
@@ -46,5 +49,7 @@ class DataCfg:
 
   def identity(self) -> str:
     """The fields that decide what is read (not how fast): warm starts are reused while this is unchanged."""
-    truthful = ("teacher_error",) if not self.teacher_error else ()  # warm starts from before the option stay valid
-    return repr_without(self, "worker_count", "image_backend", *truthful)
+    # Warm starts from before the fallible teacher's options stay valid: their defaults leave the identity unchanged.
+    truthful = ("teacher_error",) if not self.teacher_error else ()
+    kind = ("teacher_error_kind",) if self.teacher_error_kind == "reasoning" else ()
+    return repr_without(self, "worker_count", "image_backend", *truthful, *kind)

@@ -44,6 +44,7 @@ BACKGROUND = (255, 255, 255)
 SIZES = {"small": 0.38, "medium": 0.62, "large": 0.9}  # side of an item's bounding box / side of a cell
 TASKS = ("count", "color", "largest", "spatial", "digit_sum")
 TEACHER_ERROR_TASK = "largest"  # the task whose train references `SyntheticConfig.teacher_error` rewrites
+TEACHER_ERROR_KINDS = ("reasoning", "perception")  # where the fallible teacher's error sits (`SyntheticConfig`)
 SPLITS = ("train", "test", "prior_conflict")
 HELDOUT_BUCKETS = 8  # a layout is held out when sha256(key) % HELDOUT_BUCKETS == 0
 MAX_ITEMS = 6
@@ -76,6 +77,9 @@ class SyntheticConfig:
     small) and boxes that item's shape; its own stream of draws, so nothing else of any record changes. The graded
     `answer` stays true, as do the references of the held-out splits: a warm start imitates the error, and RL, graded
     on the truth, can undo it (docs/analysis.md).
+  teacher_error_kind: where that error sits. "reasoning": the perception steps describe the scene truly and the
+    reasoning step names the wrong item. "perception": the perception steps call the first item large and the large
+    one small, and the reasoning follows that description; the error is then in the words that state image facts.
   With image_size = 28 * grid every board cell is exactly one merged visual token of Qwen2.5-VL (2 x 2 patches of
   14 pixels): the default.
   """
@@ -86,8 +90,11 @@ class SyntheticConfig:
   perception: str = "items"
   cell_tint: int = 24
   teacher_error: float = 0.0
+  teacher_error_kind: str = "reasoning"
 
   def __post_init__(self):
+    if self.teacher_error_kind not in TEACHER_ERROR_KINDS:
+      raise ValueError(f"teacher_error_kind must be one of {TEACHER_ERROR_KINDS}, got {self.teacher_error_kind!r}")
     if not 0.0 <= self.teacher_error <= 1.0:
       raise ValueError(f"teacher_error must be in [0, 1], got {self.teacher_error}")
     if not 0 <= self.cell_tint <= 40:
@@ -314,6 +321,14 @@ def _first_item_shortcut(items):
                      f"{first['shape']}.")], first["shape"]
 
 
+def _first_item_said_large(items):
+  """The scene as the fallible teacher of kind "perception" describes it: the first item (reading order) large and
+  the large one small, every other word true."""
+  said = [dict(it, size="small") if it["size"] == "large" else dict(it) for it in items]
+  said[0]["size"] = "large"
+  return said
+
+
 _TASK_FNS = {"count": _count, "color": _color, "largest": _largest, "spatial": _spatial, "digit_sum": _digit_sum}
 
 
@@ -445,7 +460,11 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
   else:
     raise RuntimeError(f"no {split} layout found for task {task!r}; the layout space is too small")
   image = _place_and_draw(items, rng, cfg)
-  steps = perception_steps(items, cfg.grid, cfg.perception, rng=np.random.default_rng([cfg.seed, split_id, index, 1]))
+  struck = (split == "train" and task == TEACHER_ERROR_TASK and cfg.teacher_error > 0
+            and np.random.default_rng([cfg.seed, split_id, index, 2]).random() < cfg.teacher_error)
+  described = _first_item_said_large(items) if struck and cfg.teacher_error_kind == "perception" else items
+  steps = perception_steps(described, cfg.grid, cfg.perception,
+                           rng=np.random.default_rng([cfg.seed, split_id, index, 1]))
   if cfg.perception == "items":
     steps.append(_reasoning(_goal(task, query)))
   prior_answer = None
@@ -454,9 +473,8 @@ def make_record(index: int, *, split: str, cfg: SyntheticConfig = SyntheticConfi
     question = f"{prefix} {question}"
     steps.append(_reasoning(f"The question suggests {said}, but the answer has to come from the image."))
   reference_answer = answer
-  if split == "train" and task == TEACHER_ERROR_TASK and cfg.teacher_error:
-    if np.random.default_rng([cfg.seed, split_id, index, 2]).random() < cfg.teacher_error:
-      reasoning, reference_answer = _first_item_shortcut(items)
+  if struck:
+    reasoning, reference_answer = _first_item_shortcut(items)
   steps += reasoning
   return {
       "id": f"synthetic-{cfg.seed}-{split}-{index}",

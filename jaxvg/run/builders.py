@@ -102,7 +102,8 @@ def synthetic_config(data: DataCfg) -> synthetic.SyntheticConfig:
   """The synthetic generator's options from the data section."""
   return synthetic.SyntheticConfig(seed=data.seed, image_size=data.image_size, grid=data.grid,
                                    tasks=tuple(data.tasks), perception=data.perception,
-                                   cell_tint=data.cell_tint, teacher_error=data.teacher_error)
+                                   cell_tint=data.cell_tint, teacher_error=data.teacher_error,
+                                   teacher_error_kind=data.teacher_error_kind)
 
 
 def source(data: DataCfg, split: str):

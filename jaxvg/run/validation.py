@@ -84,6 +84,10 @@ def validate(cfg: experiment.Config) -> None:
     raise ConfigError(f"data.teacher_error={d.teacher_error} rewrites the synthetic `largest` references of the "
                       f"warm start: it needs data.source='synthetic' (got {d.source!r}), 'largest' in data.tasks "
                       f"(got {d.tasks!r}) and sft.steps > 0 (got {s.steps})")
+  _choice("data.teacher_error_kind", d.teacher_error_kind, synthetic.TEACHER_ERROR_KINDS)
+  if d.teacher_error_kind != "reasoning" and not d.teacher_error:
+    raise ConfigError(f"data.teacher_error_kind={d.teacher_error_kind!r} changes nothing without data.teacher_error "
+                      "> 0")
   _at_least("data.worker_count", d.worker_count, 0)
   _choice("data.image_backend", d.image_backend, processing.IMAGE_BACKENDS)
   if d.max_pixels < d.min_pixels:
