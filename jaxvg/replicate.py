@@ -174,6 +174,15 @@ def _resolve(spec):
   return config_lib.apply_overrides(config_lib.load_config(spec["config"]), spec["overrides"])
 
 
+def teacher_settings(configs) -> str | None:
+  """The fallible teachers (`data.teacher_error` > 0) among the runs' configs, as the settings that ask for them
+  ("data.teacher_error=0.6" or "data.teacher_error=0.6, data.teacher_error_kind=perception"; several joined by "; "),
+  None when every teacher was truthful."""
+  taught = sorted({(c.data.teacher_error, c.data.teacher_error_kind) for c in configs if c.data.teacher_error})
+  return "; ".join(f"data.teacher_error={q:g}" + ("" if kind == "reasoning" else f", data.teacher_error_kind={kind}")
+                   for q, kind in taught) or None
+
+
 def heldout_scores(cfg, graphdef, params, tokenizer, model_cfg, *, split: str, num: int,
                    white_image: bool = False) -> dict | None:
   """{"ids": ids_P, "scores": scores_P, "tasks": tasks_P}: each prompt's accuracy and task family on the first `num`
@@ -518,12 +527,12 @@ def main(argv=None):
     w["methods"] = [r["spec"]["method"] for r in results if r["spec"]["warm_dir"] == w["spec"]["out_dir"]]
   command = shlex.join(["python", "-m", "jaxvg.replicate", *(sys.argv[1:] if argv is None else argv)])
   summary = aggregate(results)
-  rates = sorted({_resolve(r["spec"]).data.teacher_error for r in results} - {0.0})
+  teachers = teacher_settings(_resolve(r["spec"]) for r in results)
   curves_png = os.path.splitext(results_path)[0] + "_curves.png"
   os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
   text = render_results(summary, methods=methods, warm=warm, command=command,
                         curves_png=curves_png if plot_curves(summary, curves_png) else None,
-                        taught=(TEACHER_ERROR_TASK, ", ".join(f"{q:g}" for q in rates)) if rates else None,
+                        taught=(TEACHER_ERROR_TASK, teachers) if teachers else None,
                         budgets={r["spec"]["method"]: r["budget"] for r in results},
                         machine=describe_machine([r["device"] for r in results]),
                         date=datetime.date.today().isoformat(), wall_s=time.time() - t0,

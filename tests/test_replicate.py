@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxvg import replicate
+from jaxvg.core import config_lib
 from jaxvg.run import metrics, results_page, runlog
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -284,6 +285,17 @@ def _tasked(method, seed, test):
   return r
 
 
+def test_teacher_settings_name_each_fallible_teacher_once():
+  demo = config_lib.load_config(os.path.join(CONFIGS, "demo.py"))
+  cfgs = [config_lib.apply_overrides(demo, o) for o in (
+      [], ["data.teacher_error=0.6"], ["data.teacher_error=0.6"],
+      ["data.teacher_error=0.25", "data.teacher_error_kind=perception"])]
+  assert replicate.teacher_settings(cfgs[:1]) is None
+  assert replicate.teacher_settings(cfgs[:3]) == "data.teacher_error=0.6"
+  assert replicate.teacher_settings(cfgs) == ("data.teacher_error=0.25, data.teacher_error_kind=perception; "
+                                              "data.teacher_error=0.6")
+
+
 def test_render_results_by_task_and_the_taught_error():
   results = [_tasked("GRPO", 0, [0, 1, 1, 0, 1, 1]), _tasked("GRPO", 1, [0, 0, 1, 1, 0, 1]),
              _tasked("DAPO", 0, [1, 1, 1, 1, 1, 1]), _tasked("DAPO", 1, [0, 1, 0, 1, 1, 1])]
@@ -299,7 +311,7 @@ def test_render_results_by_task_and_the_taught_error():
   assert largest.ids == ("p1", "p3", "p5") and largest.scores_SP.tolist() == [[1, 1, 1], [1, 1, 1]]
   kw = dict(methods=methods, warm=warm, budgets={"GRPO": budget, "DAPO": budget}, command="c", machine="m",
             date="d", wall_s=1.0, jobs_s=1.0)
-  lines = results_page.render_results(summary, taught=("largest", "0.6"), **kw).splitlines()
+  lines = results_page.render_results(summary, taught=("largest", "data.teacher_error=0.6"), **kw).splitlines()
   # By task, by hand: count is prompts p0, p2, p4, largest p1, p3, p5. The warm start: count (0 + 1 + 1) / 3,
   # largest (0 + 0 + 1) / 3. GRPO: count (0 + 1 + 1 + 0 + 1 + 0) / 6, largest (1 + 0 + 1 + 0 + 1 + 1) / 6. DAPO: count
   # (1 + 1 + 1 + 0 + 0 + 1) / 6, largest 6 / 6. Every white image scores 0.

@@ -353,9 +353,9 @@ def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict],
   error, cost, warm starts, methods.
 
   methods: the replication's methods (`jaxvg.replicate.Method`: name, config, overrides, baseline), in table order.
-  taught: (task, rate) when the warm starts learned from a fallible teacher (`data.teacher_error`): the task whose
-    references it rewrote and the rate, as text. The page then ranks the methods by how much of the taught error
-    their RL undoes.
+  taught: (task, settings) when the warm starts learned from a fallible teacher: the task whose references it
+    rewrote and the settings that asked for it (`jaxvg.replicate.teacher_settings`). The page then ranks the methods
+    by how much of the taught error their RL undoes.
   """
   baselines = {m.name: m.baseline for m in methods}
   budget = budgets[methods[0].name]
@@ -405,7 +405,7 @@ def render_results(summary: dict[str, dict], *, methods: list, warm: list[dict],
   taught_rows = taught_error_rows(summary, warm, baselines, taught[0]) if taught else []
   if taught_rows:
     lines += ["", "## The taught error", "",
-              f"The warm starts learned from a fallible teacher (`data.teacher_error={taught[1]}`): that share of the "
+              f"The warm starts learned from a fallible teacher (`{taught[1]}`): that share of the "
               f"`{taught[0]}` references of the train split name the first item described instead of the right "
               "one, while the rewards grade the true answer and the held-out references stay true. RL can undo what "
               f"the demonstrations taught wrong, so each method's gain on `{taught[0]}` measures how it learns from "

@@ -80,9 +80,10 @@ def validate(cfg: experiment.Config) -> None:
     _at_least(f"data.{name}", getattr(d, name), 1)
   _within("data.cell_tint", d.cell_tint, 0, 255)
   _within("data.teacher_error", d.teacher_error, 0.0, 1.0)
-  if d.teacher_error and (d.source != "synthetic" or "largest" not in d.tasks or not s.steps):
-    raise ConfigError(f"data.teacher_error={d.teacher_error} rewrites the synthetic `largest` references of the "
-                      f"warm start: it needs data.source='synthetic' (got {d.source!r}), 'largest' in data.tasks "
+  task = synthetic.TEACHER_ERROR_TASK
+  if d.teacher_error and (d.source != "synthetic" or task not in d.tasks or not s.steps):
+    raise ConfigError(f"data.teacher_error={d.teacher_error} rewrites the synthetic `{task}` references of the "
+                      f"warm start: it needs data.source='synthetic' (got {d.source!r}), '{task}' in data.tasks "
                       f"(got {d.tasks!r}) and sft.steps > 0 (got {s.steps})")
   _choice("data.teacher_error_kind", d.teacher_error_kind, synthetic.TEACHER_ERROR_KINDS)
   if d.teacher_error_kind != "reasoning" and not d.teacher_error:
